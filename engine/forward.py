@@ -1,0 +1,52 @@
+"""Layer-by-layer forward of a whole model over token windows, one decoder layer in memory at a time.
+
+Used for the clean calibration stream and for evaluation: hidden states of all windows stay on the
+host; each layer is built, run over micro-batches on the device, and dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from loaq.models.layers import ContextFactory, build_layer
+
+from .arrays import MemoryArray, SampleArray, micro_batches
+from .sources import WeightSource
+
+
+@torch.no_grad()
+def embed(source: WeightSource, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """tokens: (n, seqlen) -> hidden states (n, seqlen, d) on the host."""
+    return F.embedding(tokens, source.embed_weight().to(dtype))
+
+
+@torch.no_grad()
+def forward_layer(source: WeightSource, index: int, h_in: SampleArray, h_out: SampleArray, contexts: ContextFactory,
+                  *, device="cpu", dtype=torch.float32, micro_batch: int = 8) -> None:
+    """h_out = decoder layer ``index`` applied to h_in (transformers' own layer forward)."""
+    layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device)
+    from loaq.models.adapters import is_sliding_layer  # local: only needed here
+
+    for start, stop in micro_batches(h_in.shape[0], micro_batch):
+        h = h_in.read(start, stop).to(device=device, dtype=dtype)
+        ctx = contexts(h)
+        mask = ctx.sliding_mask if is_sliding_layer(source.config, index) else ctx.causal_mask
+        h_out.write(start, layer(h, attention_mask=mask, position_embeddings=ctx.position_embeddings))
+
+
+@torch.no_grad()
+def stream_forward(source: WeightSource, tokens: torch.Tensor, *, device="cpu", dtype=torch.float32,
+                   micro_batch: int = 8, on_layer: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Final hidden states (before the final norm) of ``tokens`` (n, seqlen), streaming layers."""
+    contexts = ContextFactory(source.adapter, source.config, device)
+    h = MemoryArray(embed(source, tokens, dtype))
+    for index in range(source.num_layers):
+        out = MemoryArray(shape=h.shape, dtype=dtype)
+        forward_layer(source, index, h, out, contexts, device=device, dtype=dtype, micro_batch=micro_batch)
+        h = out
+        if on_layer is not None:
+            on_layer(index)
+    return h.tensor

@@ -1,0 +1,41 @@
+"""The keys a run's stages would use, computed without running anything (for status and reports)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from loaq.configs.schema import RunConfig
+from loaq.stages.context import StageContext
+from loaq.stages.evaluate import perplexity_key
+from loaq.stages.model import ModelRef, prepare_model
+from loaq.stages.quantize import chain_id, chain_keys, weights_key
+from loaq.stages.streams import calibration_key, clean_key, embed_key
+
+
+@dataclass
+class Plan:
+    model: ModelRef
+    calibration: str
+    embedding: str
+    clean: list[str]  # clean stream after each layer
+    chain: list[str]  # quantized stream after each layer
+    weights: list[str]
+    variant: str
+    evals: dict[str, dict[str, str]]
+
+
+def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) -> Plan:
+    model = model or prepare_model.fn(config.model, ctx.model_cache)
+    calibration = calibration_key(model, config.calibration, config.data_dir)
+    embedding = embed_key(ctx, model, calibration)
+    clean = []
+    prev = embedding
+    for index in range(model.num_layers):
+        prev = clean_key(ctx, model, index, prev)
+        clean.append(prev)
+    chain = chain_keys(embedding, config.quantize, model.num_layers)
+    evals = {d: {"fp": perplexity_key(ctx, model, None, d, config.evaluation, config.data_dir),
+                 "quantized": perplexity_key(ctx, model, chain, d, config.evaluation, config.data_dir)}
+             for d in config.evaluation.datasets}
+    return Plan(model, calibration, embedding, clean, chain, [weights_key(k) for k in chain],
+                chain_id(embedding, config.quantize), evals)

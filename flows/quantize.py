@@ -1,0 +1,93 @@
+"""The quantization pipeline as one Prefect flow, reading top to bottom like Algorithm 1.
+
+    model -> calibration sample -> embeddings (h = h_hat)
+    for each decoder layer l:  clean stream (h) ; quantize W_in, W_out and advance h_hat
+    evaluate (FP and quantized) -> report
+
+Every stage is a Prefect task that receives store keys and returns store keys (never tensors, so
+Prefect pickles nothing large). Caching is the store's: a task whose record is complete under its
+input-derived key returns at once (Prefect's own cache policy is off, since its default includes the
+run id and would defeat reuse across runs). Resuming is the same mechanism: a killed run leaves its
+finished records complete and its unfinished one unmarked, so running the flow again reuses the
+former and recomputes from the first layer that is not complete.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+from prefect import flow, get_run_logger
+
+from loaq.configs.schema import RunConfig
+from loaq.stages.context import Runtime, StageContext
+from loaq.stages.evaluate import perplexity_stage
+from loaq.stages.model import prepare_model
+from loaq.stages.progress import LayerProgress
+from loaq.stages.quantize import chain_id, chain_keys, quantize_layer_stage, weights_key
+from loaq.stages.report import report_stage
+from loaq.stages.retention import retain
+from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
+from loaq.store import Store
+
+
+def open_context(config: RunConfig, run_id: str | None = None) -> StageContext:
+    store = Store(config.store.url)
+    runtime = Runtime.resolve(config.runtime)
+    runtime.apply()
+    model_cache = os.path.join(os.path.dirname(os.path.abspath(config.store.url)) if "://" not in config.store.url
+                               else ".loaq", "models")
+    return StageContext(store, run_id or uuid.uuid4().hex[:12], runtime, model_cache)
+
+
+def resume_point(ctx: StageContext, chain: list[str]) -> int:
+    """First layer to compute: after the last layer whose stream state and all weights so far are complete."""
+    weights_ok = 0
+    while weights_ok < len(chain) and ctx.store.is_complete(weights_key(chain[weights_ok])):
+        weights_ok += 1
+    if weights_ok == len(chain):
+        return len(chain)
+    for index in range(weights_ok - 1, -1, -1):
+        if ctx.store.is_complete(chain[index]):
+            return index + 1
+    return 0
+
+
+@flow(name="loaq-quantize", log_prints=True)
+def quantize_flow(config: RunConfig, run_id: str | None = None) -> dict:
+    log = get_run_logger()
+    ctx = open_context(config, run_id)
+    with ctx.store.lock("run", timeout=0.0):
+        model = prepare_model(config.model, ctx.model_cache)
+        log.info("model %s: %s, %d layers (key %s)", config.model.source, model.family, model.num_layers, model.key[:12])
+        calibration = calibration_stage(ctx, model, config.calibration, config.data_dir)
+        embedding = embed_stage(ctx, model, calibration)
+
+        chain = chain_keys(embedding, config.quantize, model.num_layers)
+        variant = chain_id(embedding, config.quantize)
+        start = resume_point(ctx, chain)
+        if 0 < start < model.num_layers:
+            log.info("resuming at layer %d of %d", start, model.num_layers)
+        clean = [embedding]
+        progress = LayerProgress(model.num_layers, f"{config.quantize.method} W{config.quantize.bits}")
+        for index in range(model.num_layers):
+            clean.append(clean_layer_stage(ctx, model, index, clean[index]))
+            if index < start:
+                ctx.store.log_event(ctx.run_id, "quantize-layer", chain[index], "reused")
+                progress.skip(index)
+                continue
+            quant_input = embedding if index == 0 else chain[index - 1]
+            quantize_layer_stage(ctx, model, index, config.quantize, variant, chain[index], quant_input,
+                                 clean[index], clean[index + 1])
+            retain(ctx, config.store, variant, index)
+            progress.done(index, ctx.store.open(weights_key(chain[index])).attrs)
+        progress.close()
+
+        evals = {}
+        for dataset in config.evaluation.datasets:
+            evals[dataset] = {
+                "fp": perplexity_stage(ctx, model, None, dataset, config.evaluation, config.data_dir),
+                "quantized": perplexity_stage(ctx, model, chain, dataset, config.evaluation, config.data_dir),
+            }
+        report = report_stage(ctx, config, model, chain, evals)
+    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "report": report}

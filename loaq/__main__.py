@@ -1,0 +1,5 @@
+import sys
+
+from loaq.cli import main
+
+sys.exit(main())

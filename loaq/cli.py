@@ -1,0 +1,71 @@
+"""The ``loaq`` command: run, sweep, status, gc, report.
+
+    loaq run [CONFIG] [--set a.b=value ...]   quantize + evaluate + report (resumes / reuses)
+    loaq sweep CONFIG --alpha 0.3 0.5 --beta 0.1 0.25   variants sharing every upstream stage
+    loaq status [CONFIG]                      per-stage, per-layer state of a run, with sizes
+    loaq gc [CONFIG]                          apply the retention policy to the store
+    loaq report [CONFIG]                      rebuild report.md/json/plots from the store alone
+
+CONFIG is a YAML file or a preset name from the package's configs/ (default, paper).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _quiet_prefect() -> None:
+    # Prefect runs in its local ephemeral mode unless PREFECT_API_URL points at a server.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="loaq", description="LoaQ quantization as a resumable, cached pipeline.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_config(name, help_):
+        s = sub.add_parser(name, help=help_)
+        s.add_argument("config", nargs="?", default=None, help="YAML file or preset name (default: default)")
+        s.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                       help="override a config field, e.g. --set quantize.bits=4 (repeatable)")
+        return s
+
+    with_config("run", "quantize, evaluate and report (idempotent: resumes or reuses)")
+    sweep = with_config("sweep", "run alpha/beta variants that share every upstream stage")
+    sweep.add_argument("--alpha", type=float, nargs="+", default=None, help="values for alpha_in and alpha_out")
+    sweep.add_argument("--beta", type=float, nargs="+", default=None, help="values for beta")
+    with_config("status", "show per-stage, per-layer state of a run, with sizes")
+    gc = with_config("gc", "apply the retention policy to the store")
+    gc.add_argument("--drop-stats", action="store_true", help="also drop Hessian/statistics records")
+    with_config("report", "rebuild the run's report from the store alone")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _quiet_prefect()
+    from loaq.errors import describe
+
+    try:
+        from loaq.configs.load import load_config
+
+        config = load_config(args.config, args.overrides)
+        from loaq import commands
+
+        return int(getattr(commands, args.command)(config, args) or 0)
+    except KeyboardInterrupt:
+        print("loaq: interrupted; finished records are kept, run again to resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - user mistakes become one line, bugs keep their traceback
+        line = describe(e)
+        if line is None:
+            raise
+        print(f"loaq: error: {line}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,68 @@
+"""What each ``loaq`` sub-command does, on top of the flows."""
+
+from __future__ import annotations
+
+import itertools
+
+from loaq.configs.schema import RunConfig
+
+
+def _print_result(config: RunConfig, result: dict) -> None:
+    from loaq.flows.quantize import open_context
+
+    store = open_context(config).store
+    for dataset, keys in result["evals"].items():
+        fp, q = store.open(keys["fp"]).attrs, store.open(keys["quantized"]).attrs
+        print(f"{fp['label']} perplexity ({fp['windows']} x {fp['seqlen']} tokens): "
+              f"FP {fp['ppl']:.3f}   {config.quantize.method} W{config.quantize.bits} {q['ppl']:.3f}")
+    print(f"report: {result['report']}/report.md")
+
+
+def run(config: RunConfig, args) -> int:
+    from loaq.flows.quantize import quantize_flow
+
+    result = quantize_flow(config)
+    _print_result(config, result)
+    return 0
+
+
+def sweep(config: RunConfig, args) -> int:
+    from loaq.flows.sweep import sweep_flow
+
+    q = config.quantize
+    alphas = args.alpha or [q.alpha_in]
+    betas = args.beta or [q.beta]
+    variants = [(a, b) for a, b in itertools.product(alphas, betas)]
+    results = sweep_flow(config, variants)
+    print(f"{'alpha':>6} {'beta':>6}  " + "  ".join(f"{d:>10}" for d in config.evaluation.datasets))
+    for (a, b), ppl in results:
+        print(f"{a:6.2f} {b:6.2f}  " + "  ".join(f"{ppl[d]:10.3f}" for d in config.evaluation.datasets))
+    return 0
+
+
+def status(config: RunConfig, args) -> int:
+    from loaq.flows.status import run_status
+
+    for line in run_status(config):
+        print(line)
+    return 0
+
+
+def gc(config: RunConfig, args) -> int:
+    from loaq.flows.quantize import open_context
+    from loaq.store.retention import default_keep, gc as store_gc
+
+    store = open_context(config).store
+    freed = store_gc(store, default_keep(store.list(), drop_stats=args.drop_stats))
+    print(f"freed {freed / 2**20:.1f} MiB")
+    return 0
+
+
+def report(config: RunConfig, args) -> int:
+    from loaq.flows.report import report_flow
+
+    print(f"report: {report_flow(config)}/report.md")
+    return 0
+
+
+__all__ = ["run", "sweep", "status", "gc", "report"]

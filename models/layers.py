@@ -1,0 +1,86 @@
+"""Building one decoder layer (transformers' own module) and the per-sequence context it needs.
+
+Only one layer's weights are materialised at a time: the module is created on the meta device and
+its parameters are assigned from the checkpoint's tensors for that layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import PretrainedConfig
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+from .adapters import Adapter, is_sliding_layer
+
+
+def build_layer(adapter: Adapter, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor],
+                dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+    cls = adapter.resolve("decoder_layer")
+    with torch.device("meta"):
+        layer = cls(config, index)
+    missing = set(layer.state_dict()) - set(state)
+    if missing:
+        raise ValueError(f"decoder layer {index}: checkpoint lacks {sorted(missing)}")
+    layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+    return layer.eval()
+
+
+def submodule(root: nn.Module, dotted: str) -> nn.Module:
+    for part in dotted.split("."):
+        root = getattr(root, part)
+    return root
+
+
+def set_submodule(root: nn.Module, dotted: str, module: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(submodule(root, parent) if parent else root, leaf, module)
+
+
+@dataclass
+class SequenceContext:
+    """What every layer needs for a micro-batch of sequences of one length: rotary (cos, sin)
+    and the attention masks, computed exactly as the transformers model computes them."""
+
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    causal_mask: object
+    sliding_mask: object
+
+    def mask_for(self, config: PretrainedConfig, index: int):
+        return self.sliding_mask if is_sliding_layer(config, index) else self.causal_mask
+
+
+class ContextFactory:
+    """Caches a ``SequenceContext`` per (batch, seqlen, dtype, device)."""
+
+    def __init__(self, adapter: Adapter, config: PretrainedConfig, device: torch.device | str):
+        # A config read from disk has no attention implementation set until a model is built from
+        # it; pick the one transformers' models default to, so our layers compute what theirs do.
+        if getattr(config, "_attn_implementation", None) is None:
+            config._attn_implementation = "sdpa"
+        self.config = config
+        self.rotary = adapter.resolve("rotary_embedding")(config=config).to(device)
+        self._cache: dict[tuple, SequenceContext] = {}
+
+    def __call__(self, hidden: torch.Tensor) -> SequenceContext:
+        key = (hidden.shape[0], hidden.shape[1], hidden.dtype, hidden.device)
+        if key not in self._cache:
+            position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+            kwargs = dict(config=self.config, inputs_embeds=hidden, attention_mask=None, cache=None, position_ids=position_ids)
+            try:
+                causal = create_causal_mask(**kwargs)
+            except TypeError:  # transformers < 5 calls the cache argument past_key_values
+                kwargs["past_key_values"] = kwargs.pop("cache")
+                causal = create_causal_mask(**kwargs)
+            sliding = create_sliding_window_causal_mask(**kwargs) if getattr(self.config, "sliding_window", None) else causal
+            self._cache[key] = SequenceContext(self.rotary(hidden, position_ids), causal, sliding)
+        return self._cache[key]
+
+
+def rms_factor(hidden: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-token RMSNorm factor r(x) = (mean(x^2) + eps)^-1/2 (paper eq. 1), computed as transformers'
+    RMSNorm does (in float32). hidden: (..., d) -> (...)."""
+    h = hidden.to(torch.float32)
+    return torch.rsqrt(h.pow(2).mean(-1) + eps)

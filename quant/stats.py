@@ -1,0 +1,149 @@
+"""Streaming calibration statistics for the LoaQ targets (paper Algorithm 1, lines 6–16).
+
+Two streams run through the model: the clean one (X, h) and the quantized one (X̂, ĥ). The
+accumulators are fed one micro-batch at a time and only hold (in, in) and (in, out) sums, never
+the tokens. Sums are kept in float64; each micro-batch product is computed in ``compute_dtype``
+(float32 by default: the cost is a (t, in)ᵀ(t, in) matmul per batch, and float32 products of one
+batch are accurate to ~1e-7 relative, far below the calibration noise) and then added in
+float64 so that rounding does not grow with the number of batches. Pass
+``compute_dtype=torch.float64`` for bit-for-bit reproducible sums in tests.
+
+C = Σ X̂ᵀ(X − X̂) is accumulated from the difference X − X̂, never as Σ X̂ᵀX − Σ X̂ᵀX̂, which
+would cancel catastrophically when the streams are close.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _as_tokens(x: torch.Tensor, width: int, name: str) -> torch.Tensor:
+    """Flatten leading (batch, seq) dims to (tokens, width)."""
+    if x.shape[-1] != width:
+        raise ValueError(f"{name} has last dimension {x.shape[-1]}, expected {width}")
+    return x.reshape(-1, width)
+
+
+def _as_token_scale(s: torch.Tensor, n_tokens: int, name: str) -> torch.Tensor:
+    s = s.reshape(-1)
+    if s.shape[0] != n_tokens:
+        raise ValueError(f"{name} has {s.shape[0]} entries, expected one per token ({n_tokens})")
+    return s
+
+
+class InputStats:
+    """H = Σ X̂ᵀX̂ and C = Σ X̂ᵀ(X − X̂), both (in, in), for a layer fed by the input stream (W_in)."""
+
+    def __init__(self, n_in: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
+        self.n_in = n_in
+        self.compute_dtype = compute_dtype
+        self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._C = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    def add(self, X: torch.Tensor, Xq: torch.Tensor) -> None:
+        """X: (..., in) clean-stream input, Xq: (..., in) quantized-stream input, same tokens."""
+        X = _as_tokens(X, self.n_in, "X")
+        Xq = _as_tokens(Xq, self.n_in, "Xq")
+        if X.shape[0] != Xq.shape[0]:
+            raise ValueError(f"X has {X.shape[0]} tokens but Xq has {Xq.shape[0]}")
+        X = X.to(device=self._H.device, dtype=self.compute_dtype)
+        Xq = Xq.to(device=self._H.device, dtype=self.compute_dtype)
+        self._H += (Xq.T @ Xq).to(torch.float64)
+        self._C += (Xq.T @ (X - Xq)).to(torch.float64)
+        self.n_tokens += X.shape[0]
+
+    def merge(self, other: "InputStats") -> "InputStats":
+        """Add another accumulator's sums (e.g. a resumed partial run) into this one."""
+        if not isinstance(other, InputStats) or other.n_in != self.n_in:
+            raise ValueError("can only merge InputStats of the same width")
+        self._H += other._H.to(self._H.device)
+        self._C += other._C.to(self._C.device)
+        self.n_tokens += other.n_tokens
+        return self
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self._H
+
+    @property
+    def C(self) -> torch.Tensor:
+        return self._C
+
+    @property
+    def B(self) -> None:
+        return None
+
+
+class OutputStats:
+    """Statistics for the sub-layer output projection W_out (SOA / NOA in the paper).
+
+    With per-token scales s (clean) and ŝ (quantized stream), X' = diag(s)X, X̂' = diag(ŝ)X̂:
+        H = Σ X̂'ᵀX̂'  (in, in),  C = Σ X̂'ᵀ(X' − X̂')  (in, in),  B = Σ X̂'ᵀ(s·h − ŝ·ĥ)  (in, out)
+    where h, ĥ (t, out) are the residual streams the sub-layer output is added to. With
+    s = ŝ = R(h + XW) / R(ĥ + X̂W) (the RMSNorm factors) this is the normalized objective (12);
+    with s = ŝ = None (all ones) it is the plain sub-layer objective (9).
+    """
+
+    def __init__(
+        self, n_in: int, n_out: int, *, compute_dtype: torch.dtype = torch.float32, device=None
+    ) -> None:
+        self.n_in = n_in
+        self.n_out = n_out
+        self.compute_dtype = compute_dtype
+        self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._C = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._B = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    def add(
+        self,
+        X: torch.Tensor,
+        Xq: torch.Tensor,
+        h: torch.Tensor,
+        hq: torch.Tensor,
+        s: torch.Tensor | None = None,
+        sq: torch.Tensor | None = None,
+    ) -> None:
+        """X, Xq: (..., in) inputs of W_out; h, hq: (..., out) residuals; s, sq: (...,) or None."""
+        if (s is None) != (sq is None):
+            raise ValueError("pass both s and sq (normalized) or neither (unnormalized)")
+        dev, dt = self._H.device, self.compute_dtype
+        X = _as_tokens(X, self.n_in, "X").to(device=dev, dtype=dt)
+        Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=dev, dtype=dt)
+        h = _as_tokens(h, self.n_out, "h").to(device=dev, dtype=dt)
+        hq = _as_tokens(hq, self.n_out, "hq").to(device=dev, dtype=dt)
+        n = X.shape[0]
+        if not (Xq.shape[0] == h.shape[0] == hq.shape[0] == n):
+            raise ValueError("X, Xq, h and hq must have the same number of tokens")
+        if s is not None:
+            s = _as_token_scale(s, n, "s").to(device=dev, dtype=dt)[:, None]  # (t, 1)
+            sq = _as_token_scale(sq, n, "sq").to(device=dev, dtype=dt)[:, None]
+            X, h = s * X, s * h
+            Xq, hq = sq * Xq, sq * hq
+        self._H += (Xq.T @ Xq).to(torch.float64)
+        self._C += (Xq.T @ (X - Xq)).to(torch.float64)
+        self._B += (Xq.T @ (h - hq)).to(torch.float64)
+        self.n_tokens += n
+
+    def merge(self, other: "OutputStats") -> "OutputStats":
+        """Add another accumulator's sums (e.g. a resumed partial run) into this one."""
+        if not isinstance(other, OutputStats) or (other.n_in, other.n_out) != (self.n_in, self.n_out):
+            raise ValueError("can only merge OutputStats of the same shape")
+        self._H += other._H.to(self._H.device)
+        self._C += other._C.to(self._C.device)
+        self._B += other._B.to(self._B.device)
+        self.n_tokens += other.n_tokens
+        return self
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self._H
+
+    @property
+    def C(self) -> torch.Tensor:
+        return self._C
+
+    @property
+    def B(self) -> torch.Tensor:
+        return self._B

@@ -1,0 +1,30 @@
+"""Per-layer progress of the quantization loop: a bar plus one line per finished layer."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+
+class LayerProgress:
+    def __init__(self, num_layers: int, label: str):
+        self.bar = tqdm(total=num_layers, desc=f"quantize {label}", unit="layer", file=sys.stderr,
+                        dynamic_ncols=True, leave=True)
+        self.last = time.perf_counter()
+
+    def skip(self, index: int) -> None:
+        self.bar.update(1)
+        self.last = time.perf_counter()
+
+    def done(self, index: int, attrs: dict) -> None:
+        now = time.perf_counter()
+        div = attrs.get("divergence", {})
+        self.bar.write(f"layer {index:3d}: {now - self.last:6.1f} s  mse {div.get('mse', float('nan')):.3e}  "
+                       f"normalized mse {div.get('mse_normalized', float('nan')):.3e}", file=sys.stderr)
+        self.bar.update(1)
+        self.last = now
+
+    def close(self) -> None:
+        self.bar.close()

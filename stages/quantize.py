@@ -1,0 +1,134 @@
+"""Stage: quantize decoder layer l (Algorithm 1, lines 3-21) and advance the quantized stream.
+
+The quantized chain's identity: key_l = hash(key_{l-1}, config_l, ALGORITHM_VERSION), rooted at
+the embedding record (which is keyed by model and calibration). Two variants that agree on
+layers 0..k share those layers' records; a crash resumes at the first layer whose records are not
+complete. Each layer writes two records: its quantized weights (kind "weights", small, always kept)
+and the quantized stream after it (kind "quant_state", large, subject to retention).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+
+from loaq.configs.schema import QuantizeConfig
+from loaq.engine import ALGORITHM_VERSION
+from loaq.engine.layer import LayerQuantizer
+from loaq.engine.metrics import DivergenceMeter, outlier_threshold
+from loaq.models.layers import ContextFactory
+from loaq.quant import QuantizedWeight
+from loaq.store.keys import stage_key
+
+from .arrays import RecordArray, WriterArray
+from .context import StageContext
+from .model import ModelRef
+from .streams import HIDDEN
+
+WEIGHT_PARTS = ("codes", "scales", "zeros", "g_idx")
+
+
+def config_identity(cfg: QuantizeConfig) -> dict:
+    """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them."""
+    identity = cfg.model_dump()
+    alpha_in, alpha_out, beta = cfg.alphas_beta()
+    identity.update(alpha_in=alpha_in, alpha_out=alpha_out, beta=beta)
+    if not (cfg.act_order and cfg.group_size):
+        identity.pop("static_groups")
+    return identity
+
+
+def chain_keys(root_key: str, cfg: QuantizeConfig, num_layers: int) -> list[str]:
+    """Keys of the quantized stream after each layer: key_l = hash(key_{l-1}, config_l, version)."""
+    keys, prev = [], root_key
+    for index in range(num_layers):
+        prev = stage_key("quant_layer", ALGORITHM_VERSION, prev=prev, layer=index, config=config_identity(cfg))
+        keys.append(prev)
+    return keys
+
+
+def chain_id(root_key: str, cfg: QuantizeConfig) -> str:
+    """One id for all layers of a variant (used by retention, never for reuse)."""
+    return stage_key("chain", ALGORITHM_VERSION, root=root_key, config=config_identity(cfg))
+
+
+def weights_key(chain_key: str) -> str:
+    return stage_key("layer_weights", ALGORITHM_VERSION, chain=chain_key)
+
+
+def write_weights(writer, weights: dict[str, QuantizedWeight]) -> None:
+    for name, q in weights.items():
+        if q.codes is None:  # 16-bit sanity runs: nothing quantized, keep the weight itself
+            writer.put(f"{name}.weight", q.weight.float().contiguous())
+            continue
+        writer.put(f"{name}.codes", q.codes.contiguous())
+        writer.put(f"{name}.scales", q.scales.float().contiguous())
+        writer.put(f"{name}.zeros", q.zeros.float().contiguous())
+        writer.put(f"{name}.g_idx", q.g_idx.to(torch.int32).contiguous())
+
+
+def read_weights(record, names) -> dict[str, QuantizedWeight]:
+    out = {}
+    bits, group_size = record.attrs["bits"], record.attrs["group_size"]
+    for name in names:
+        if f"{name}.weight" in record:
+            w = record.read(f"{name}.weight")
+            out[name] = QuantizedWeight(w, None, None, None, None, bits, group_size)
+            continue
+        codes, scales, zeros, g_idx = (record.read(f"{name}.{p}") for p in WEIGHT_PARTS)
+        q = QuantizedWeight(None, codes, scales, zeros, g_idx, bits, group_size)
+        q.weight = q.dequantize()
+        out[name] = q
+    return out
+
+
+class _MeteredArray:
+    """Writes the quantized stream and, on the way, measures its drift from the clean one."""
+
+    def __init__(self, target: WriterArray, clean: RecordArray, meter: DivergenceMeter):
+        self.target, self.clean, self.meter, self.shape = target, clean, meter, target.shape
+
+    def read(self, start, stop):
+        raise TypeError("array is being written")
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        self.target.write(start, values)
+        self.meter.add(self.clean.read(start, start + values.shape[0]), values)
+
+
+@task(name="quantize-layer", cache_policy=NONE)
+def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, chain_id: str,
+                         chain_key: str, quant_input_key: str, clean_input_key: str, clean_output_key: str) -> str:
+    """Quantize layer ``index``; returns its chain key (both of its records complete)."""
+    w_key = weights_key(chain_key)
+    if ctx.store.is_complete(chain_key) and ctx.store.is_complete(w_key):
+        ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "reused")
+        return chain_key
+    rt = ctx.runtime
+    started = time.perf_counter()
+    checkpoint = model.open()
+    hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
+    clean_in = RecordArray(ctx.store.open(clean_input_key), HIDDEN)
+    clean_out = RecordArray(ctx.store.open(clean_output_key), HIDDEN)
+    meter = DivergenceMeter(outlier_threshold(clean_out, micro_batch=rt.micro_batch))
+    contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
+    quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
+                               contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch)
+    # `chain` names the variant (root + config) so retention can keep only its last layer's states.
+    attrs = {"layer": index, "chain": chain_id, "method": cfg.method}
+    with ctx.store.writer(chain_key, kind="quant_state", attrs=attrs, overwrite=True) as w:
+        hq_out = _MeteredArray(WriterArray(w, HIDDEN, hq_in.shape, rt.dtype, rt.micro_batch), clean_out, meter)
+        result = quantizer.run(clean_in if cfg.needs_clean_stream() else None, hq_in, None, hq_out)
+    divergence = meter.result()
+    if not ctx.store.is_complete(w_key):
+        with ctx.store.writer(w_key, kind="weights", overwrite=True,
+                              attrs={"layer": index, "bits": cfg.bits, "group_size": cfg.group_size,
+                                     "symmetric": cfg.symmetric, "config": config_identity(cfg),
+                                     "solver": result.solver, "divergence": divergence,
+                                     "linears": list(result.weights)}) as w:
+            write_weights(w, result.weights)
+    ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "computed", seconds=time.perf_counter() - started)
+    return chain_key

@@ -1,0 +1,177 @@
+"""Inter-process locks on a store, and the store's consistency model.
+
+``store.lock("run")`` is taken by ``loaq run`` for its whole duration, so two runs on one
+store never write at the same time; the second one waits up to its timeout, then fails with
+``StoreLocked`` naming the holder (pid, host, since, command line), read from the lock's info
+file ``<root>/locks/<name>.json`` which the holder writes right after acquiring.
+
+Consistency model
+-----------------
+* Records are immutable once complete, and a record is complete exactly when its group's
+  ``zarr.json`` carries the completion mark, written last in one write: an atomic rename on a
+  local filesystem, a single PUT on an object store. Readers never look at unmarked records,
+  so a crash at any point leaves either a complete record or an ignored, overwritable one.
+* Two writers never share a directory: the key is the directory. Within a process a second
+  writer of the same key fails fast (``RecordBusy``); across processes the run lock keeps
+  runs apart. No per-record file locks are used: records of distinct keys are independent,
+  and within a run the orchestrator decides who computes what.
+* Local stores: the lock is a real ``flock`` (via ``filelock``) on ``<root>/locks/<name>.lock``;
+  the kernel releases it when the holder dies, so there are no stale locks. ``flock`` is
+  reliable on local disks; on NFS/Lustre it depends on the mount (use a local store, or accept
+  the lock as advisory there).
+* Other fsspec URLs (object stores): no atomic create-if-absent is used, so the lock is
+  *advisory*: the info file itself is the lock, checked then written (two processes starting
+  within one round trip may both get it). A holder that died leaves a stale info file; it is
+  taken over automatically when its pid is known dead on this same host, and otherwise must be
+  removed by hand (``<root>/locks/<name>.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import filelock
+
+from .errors import StoreLocked
+from .layout import LOCKS_DIR, check_name
+
+#: How often a waiting advisory (object-store) lock looks again.
+ADVISORY_POLL_SECONDS = 0.1
+
+
+class StoreLock:
+    """An exclusive lock named ``name`` on a store; a context manager (not re-entrant)."""
+
+    def __init__(self, fs, root: str, name: str, *, timeout: float | None, native: bool) -> None:
+        self.name = check_name(name, "lock name")
+        self.timeout = timeout
+        directory = f"{root.rstrip('/')}/{LOCKS_DIR}"
+        self.lock_path = f"{directory}/{name}.lock"
+        self.info_path = f"{directory}/{name}.json"
+        self._fs = fs
+        self._native = native
+        self._directory = directory
+        self._file_lock: filelock.BaseFileLock | None = None
+        self._token: str | None = None  # identifies our info file (advisory locks)
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def holder(self) -> dict[str, Any] | None:
+        """The holder's info (pid, host, since, argv), or None if none is recorded."""
+        try:
+            info = json.loads(self._fs.cat_file(self.info_path))
+        except (OSError, ValueError):
+            return None
+        return info if isinstance(info, dict) else None
+
+    def acquire(self) -> StoreLock:
+        if self.held:
+            raise RuntimeError(f"store lock {self.name!r} is already held by this object")
+        self._fs.makedirs(self._directory, exist_ok=True)
+        if self._native:
+            self._acquire_native()
+        else:
+            self._acquire_advisory()
+        return self
+
+    def release(self) -> None:
+        if not self.held:
+            return
+        try:
+            if self.holder_token() == self._token:
+                self._fs.rm_file(self.info_path)
+        except OSError:
+            pass  # the next holder overwrites it anyway
+        finally:
+            self._token = None
+            if self._file_lock is not None:
+                self._file_lock.release()
+                self._file_lock = None
+
+    def holder_token(self) -> str | None:
+        return (self.holder() or {}).get("token")
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.release()
+
+    # -- internals --------------------------------------------------------------------------
+
+    def _acquire_native(self) -> None:
+        file_lock = filelock.FileLock(self.lock_path, thread_local=False)
+        wait = -1 if self.timeout is None else max(0.0, self.timeout)
+        try:
+            file_lock.acquire(timeout=wait)
+        except filelock.Timeout:
+            raise StoreLocked(self._held_message()) from None
+        self._file_lock = file_lock
+        try:
+            self._write_info()
+        except BaseException:
+            self._token = None
+            file_lock.release()
+            self._file_lock = None
+            raise
+
+    def _acquire_advisory(self) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + max(0.0, self.timeout)
+        while True:
+            holder = self.holder()
+            if holder is None or _is_dead_local_process(holder):
+                self._write_info()
+                if self.holder_token() == self._token:  # re-read: the last writer wins
+                    return
+                self._token = None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreLocked(self._held_message())
+            time.sleep(ADVISORY_POLL_SECONDS)
+
+    def _write_info(self) -> None:
+        self._token = uuid.uuid4().hex
+        info = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "argv": sys.argv,
+            "token": self._token,
+        }
+        self._fs.pipe_file(self.info_path, json.dumps(info).encode())
+
+    def _held_message(self) -> str:
+        holder = self.holder()
+        waited = "not waiting" if not self.timeout else f"waited {self.timeout:g} s"
+        if holder is None:
+            who = "another process (it recorded no holder info yet)"
+        else:
+            command = " ".join(holder.get("argv") or [])
+            who = (
+                f"pid {holder.get('pid')} on host {holder.get('host')} "
+                f"since {holder.get('since')}" + (f" ({command})" if command else "")
+            )
+        where = self.lock_path if self._native else f"{self.info_path} (advisory)"
+        return f"store lock {self.name!r} at {where} is held by {who}; {waited}"
+
+
+def _is_dead_local_process(holder: dict[str, Any]) -> bool:
+    """True if the holder ran on this host and its pid no longer exists."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False  # exists but not ours (EPERM)
+    return False
