@@ -34,7 +34,6 @@ class Checkpoint:
             raise CheckpointError(f"model path {str(self.path)!r} has no config.json (expected a Hugging Face model directory)")
         self.trust_remote_code = trust_remote_code
         self.weight_map = self._read_weight_map()
-        self._handles: dict[str, object] = {}
 
     # -- metadata ---------------------------------------------------------------------------
     @cached_property
@@ -69,24 +68,29 @@ class Checkpoint:
             raise CheckpointError(f"cannot read {single}: {e} (truncated or not a safetensors file?)") from None
 
     # -- tensors ------------------------------------------------------------------------------
-    def _handle(self, file: str):
-        if file not in self._handles:
+    # Files are opened per request and closed again: a handle kept open would keep every page it
+    # ever touched mapped, and the process's resident memory would grow with depth.
+    def _read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        by_file: dict[str, list[str]] = {}
+        for name in names:
+            if name not in self.weight_map:
+                raise CheckpointError(f"tensor {name!r} not found in {self.path}")
+            by_file.setdefault(self.weight_map[name], []).append(name)
+        out = {}
+        for file, file_names in by_file.items():
             try:
-                self._handles[file] = safe_open(self.path / file, framework="pt")
-            except (SafetensorError, OSError) as e:
+                with safe_open(self.path / file, framework="pt") as f:
+                    for name in file_names:
+                        out[name] = f.get_tensor(name).clone()
+            except (SafetensorError, OSError, RuntimeError) as e:
                 raise CheckpointError(f"cannot read {self.path / file}: {e} (truncated or not a safetensors file?)") from None
-        return self._handles[file]
+        return out
 
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
     def tensor(self, name: str) -> torch.Tensor:
-        if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name!r} not found in {self.path}")
-        try:
-            return self._handle(self.weight_map[name]).get_tensor(name)
-        except (SafetensorError, OSError, RuntimeError) as e:
-            raise CheckpointError(f"cannot read tensor {name!r} from {self.path}: {e}") from None
+        return self._read([name])[name]
 
     def layer_state(self, index: int) -> dict[str, torch.Tensor]:
         """State dict of decoder layer ``index`` with names relative to the layer."""
@@ -94,7 +98,7 @@ class Checkpoint:
         names = [n for n in self.weight_map if n.startswith(prefix)]
         if not names:
             raise CheckpointError(f"no tensors for decoder layer {index} (prefix {prefix!r}) in {self.path}")
-        return {n[len(prefix):]: self.tensor(n) for n in names}
+        return {n[len(prefix):]: t for n, t in self._read(names).items()}
 
     def embed_weight(self) -> torch.Tensor:
         return self.tensor(self.adapter.embed)
