@@ -28,11 +28,27 @@ from loaq.stages.quantize import chain_id, chain_keys, quantize_layer_stage, wei
 from loaq.stages.report import report_stage
 from loaq.stages.retention import retain
 from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
-from loaq.store import Store
+from loaq.store import CorruptRecord, Store
+from loaq.store.errors import StoreError
+
+
+def open_store(url: str) -> Store:
+    """The store at ``url``, checked to be writable before any work starts."""
+    if "://" not in url:
+        try:
+            os.makedirs(url, exist_ok=True)
+            probe = os.path.join(url, f".write-probe-{os.getpid()}")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
+        except OSError as e:
+            raise StoreError(f"store.url {url!r} is not a writable directory ({e.strerror or e}); "
+                             "choose another store.url") from None
+    return Store(url)
 
 
 def open_context(config: RunConfig, run_id: str | None = None) -> StageContext:
-    store = Store(config.store.url)
+    store = open_store(config.store.url)
     runtime = Runtime.resolve(config.runtime)
     runtime.apply()
     model_cache = os.path.join(os.path.dirname(os.path.abspath(config.store.url)) if "://" not in config.store.url
@@ -53,23 +69,38 @@ def resume_point(ctx: StageContext, chain: list[str]) -> int:
     return 0
 
 
+MAX_CORRUPTION_REPAIRS = 8
+
+
 @flow(name="loaq-quantize", log_prints=True)
 def quantize_flow(config: RunConfig, run_id: str | None = None) -> dict:
+    """Quantize, evaluate and report; a corrupt record met on the way is unmarked and recomputed."""
     log = get_run_logger()
     ctx = open_context(config, run_id)
     with ctx.store.lock("run", timeout=0.0):
-        model = prepare_model(config.model, ctx.model_cache)
-        log.info("model %s: %s, %d layers (key %s)", config.model.source, model.family, model.num_layers, model.key[:12])
-        calibration = calibration_stage(ctx, model, config.calibration, config.data_dir)
-        embedding = embed_stage(ctx, model, calibration)
+        for _ in range(MAX_CORRUPTION_REPAIRS):
+            try:
+                return _pipeline(ctx, config)
+            except CorruptRecord as e:
+                log.warning("%s; recomputing it", e)
+                ctx.store.invalidate(e.key, str(e))
+        return _pipeline(ctx, config)
 
-        chain = chain_keys(embedding, config.quantize, model.num_layers)
-        variant = chain_id(embedding, config.quantize)
-        start = resume_point(ctx, chain)
-        if 0 < start < model.num_layers:
-            log.info("resuming at layer %d of %d", start, model.num_layers)
-        clean = [embedding]
-        progress = LayerProgress(model.num_layers, f"{config.quantize.method} W{config.quantize.bits}")
+
+def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
+    log = get_run_logger()
+    model = prepare_model(config.model, ctx.model_cache)
+    log.info("model %s: %s, %d layers (key %s)", config.model.source, model.family, model.num_layers, model.key[:12])
+    calibration = calibration_stage(ctx, model, config.calibration, config.data_dir)
+    embedding = embed_stage(ctx, model, calibration)
+
+    chain = chain_keys(embedding, config.quantize, model.num_layers)
+    variant = chain_id(embedding, config.quantize)
+    start = resume_point(ctx, chain)
+    if 0 < start < model.num_layers:
+        log.info("resuming at layer %d of %d", start, model.num_layers)
+    clean = [embedding]
+    with LayerProgress(model.num_layers, f"{config.quantize.method} W{config.quantize.bits}") as progress:
         for index in range(model.num_layers):
             clean.append(clean_layer_stage(ctx, model, index, clean[index]))
             if index < start:
@@ -81,13 +112,12 @@ def quantize_flow(config: RunConfig, run_id: str | None = None) -> dict:
                                  clean[index], clean[index + 1])
             retain(ctx, config.store, variant, index)
             progress.done(index, ctx.store.open(weights_key(chain[index])).attrs)
-        progress.close()
 
-        evals = {}
-        for dataset in config.evaluation.datasets:
-            evals[dataset] = {
-                "fp": perplexity_stage(ctx, model, None, dataset, config.evaluation, config.data_dir),
-                "quantized": perplexity_stage(ctx, model, chain, dataset, config.evaluation, config.data_dir),
-            }
-        report = report_stage(ctx, config, model, chain, evals)
+    evals = {}
+    for dataset in config.evaluation.datasets:
+        evals[dataset] = {
+            "fp": perplexity_stage(ctx, model, None, dataset, config.evaluation, config.data_dir),
+            "quantized": perplexity_stage(ctx, model, chain, dataset, config.evaluation, config.data_dir),
+        }
+    report = report_stage(ctx, config, model, chain, evals)
     return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "report": report}

@@ -12,14 +12,30 @@ CONFIG is a YAML file or a preset name from the package's configs/ (default, pap
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
+
+
+class _NoFailureTracebacks(logging.Filter):
+    """Prefect logs every failed run with its traceback; the CLI reports a failure itself (one line
+    for a user mistake, the traceback for a bug), so those records would only repeat it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not (record.levelno >= logging.ERROR and (record.exc_info or "Traceback" in message
+                                                         or "Finished in state Failed" in message))
 
 
 def _quiet_prefect() -> None:
     # Prefect runs in its local ephemeral mode unless PREFECT_API_URL points at a server.
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    import prefect  # noqa: F401 - configures Prefect's loggers, which the filter then attaches to
+
+    for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
+        logging.getLogger(name).addFilter(_NoFailureTracebacks())
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ def _print_result(config: RunConfig, result: dict) -> None:
         print(f"{fp['label']} perplexity ({fp['windows']} x {fp['seqlen']} tokens): "
               f"FP {fp['ppl']:.3f}   {config.quantize.method} W{config.quantize.bits} {q['ppl']:.3f}")
     print(f"report: {result['report']}/report.md")
+    print(f"run id: {result['run_id']}")
 
 
 def run(config: RunConfig, args) -> int:

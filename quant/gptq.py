@@ -14,6 +14,9 @@ Differences from the reference implementation (IST-DASLab/gptq), all deliberate:
   reached, *including* the pending in-block feedback; the reference reads the lazily updated
   global W there, which misses that feedback when a group starts in the middle of a block.
   When groups are aligned to blocks (e.g. 128/128) both are the same.
+* U comes from DampedHessian.inverse_cholesky_upper (one Cholesky of the reversed-order H and a
+  triangular inverse) rather than Cholesky → cholesky_inverse → Cholesky; same U.
+* On CPU the column-by-column part runs on one thread (see ``_single_threaded_if_cpu``).
 * ``loss`` is the exact damped objective tr((Q − W)H(Q − W)ᵀ) = Σ ((w − q)/U_jj)², not half of it:
   the LDLQ update makes W − Q = E·U with E the scaled errors, and U H Uᵀ = I, so this sum is
   the objective itself (in the units of H = Σ X̂ᵀX̂), not an estimate.
@@ -163,7 +166,7 @@ def gptq(
                 err_block[i] = err
         # lazy feedback onto every column after the block in one product
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
-        loss += float(err_block.to(torch.float64).square().sum())
+        loss += float(err_block.square().sum(dtype=torch.float64))
 
     inverse_perm = torch.argsort(perm)
     weight = Wt[inverse_perm].T.contiguous()  # (out, in)

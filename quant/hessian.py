@@ -78,7 +78,7 @@ class DampedHessian:
             )
         eye = torch.eye(self.n_in, dtype=torch.float64, device=self.H.device)
         L_rev_inv = torch.linalg.solve_triangular(L_rev, eye, upper=False)  # lower
-        return L_rev_inv.flip(0).flip(1)  # J L'⁻¹ J: upper
+        return L_rev_inv.flip((0, 1))  # J L'⁻¹ J: upper
 
 
 def damp_hessian(

@@ -7,6 +7,8 @@ import torch
 from loaq.store import Record
 from loaq.store.writer import RecordWriter
 
+from .context import failpoint
+
 
 class RecordArray:
     """Read-only view of array ``name`` of a complete record."""
@@ -25,12 +27,17 @@ class RecordArray:
 class WriterArray:
     """Write-only array ``name`` of a record being written (created with the given shape/dtype)."""
 
-    def __init__(self, writer: RecordWriter, name: str, shape: tuple[int, ...], dtype: torch.dtype, chunk: int):
+    def __init__(self, writer: RecordWriter, name: str, shape: tuple[int, ...], dtype: torch.dtype, chunk: int,
+                 point: str | None = None):
         writer.create(name, shape, dtype, chunk_tokens=chunk)
         self.writer, self.name, self.shape, self.dtype = writer, name, tuple(shape), dtype
+        self.point = point  # failpoint name fired after the first slice is written (crash tests)
 
     def read(self, start: int, stop: int) -> torch.Tensor:
         raise TypeError("array is being written")
 
     def write(self, start: int, values: torch.Tensor) -> None:
         self.writer.write(self.name, start, values.detach().to(device="cpu", dtype=self.dtype).contiguous())
+        if self.point is not None:
+            failpoint(self.point)
+            self.point = None

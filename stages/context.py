@@ -8,6 +8,8 @@ is how ``loaq status`` and the tests know what a run actually executed.
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +18,16 @@ import torch
 
 from loaq.configs.schema import RuntimeConfig
 from loaq.store import Store
+
+
+FAILPOINT_ENV = "LOAQ_FAILPOINT"
+
+
+def failpoint(point: str) -> None:
+    """Crash-testing hook: if ``LOAQ_FAILPOINT`` names ``point``, the process SIGKILLs itself here,
+    exactly like a machine that loses power (no cleanup, no exception handlers)."""
+    if point in os.environ.get(FAILPOINT_ENV, "").split(","):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 @dataclass(frozen=True)
@@ -56,6 +68,7 @@ class StageContext:
             self.store.log_event(self.run_id, stage, key, "reused")
             return key
         started = time.perf_counter()
+        failpoint(f"{stage}:before")
         compute()
         self.store.log_event(self.run_id, stage, key, "computed", seconds=time.perf_counter() - started)
         return key

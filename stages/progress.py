@@ -28,3 +28,9 @@ class LayerProgress:
 
     def close(self) -> None:
         self.bar.close()
+
+    def __enter__(self) -> "LayerProgress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

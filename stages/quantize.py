@@ -24,7 +24,7 @@ from loaq.quant import QuantizedWeight
 from loaq.store.keys import stage_key
 
 from .arrays import RecordArray, WriterArray
-from .context import StageContext
+from .context import StageContext, failpoint
 from .model import ModelRef
 from .streams import HIDDEN
 
@@ -109,6 +109,7 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
         return chain_key
     rt = ctx.runtime
     started = time.perf_counter()
+    failpoint(f"quantize-layer:{index}:before")
     checkpoint = model.open()
     hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
     clean_in = RecordArray(ctx.store.open(clean_input_key), HIDDEN)
@@ -120,7 +121,8 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
     # `chain` names the variant (root + config) so retention can keep only its last layer's states.
     attrs = {"layer": index, "chain": chain_id, "method": cfg.method}
     with ctx.store.writer(chain_key, kind="quant_state", attrs=attrs, overwrite=True) as w:
-        hq_out = _MeteredArray(WriterArray(w, HIDDEN, hq_in.shape, rt.dtype, rt.micro_batch), clean_out, meter)
+        hq_out = _MeteredArray(WriterArray(w, HIDDEN, hq_in.shape, rt.dtype, rt.micro_batch,
+                                           point=f"quantize-layer:{index}:mid"), clean_out, meter)
         result = quantizer.run(clean_in if cfg.needs_clean_stream() else None, hq_in, None, hq_out)
     divergence = meter.result()
     if not ctx.store.is_complete(w_key):
@@ -130,5 +132,6 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
                                      "solver": result.solver, "divergence": divergence,
                                      "linears": list(result.weights)}) as w:
             write_weights(w, result.weights)
+    failpoint(f"quantize-layer:{index}:after")
     ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "computed", seconds=time.perf_counter() - started)
     return chain_key

@@ -83,7 +83,7 @@ def clean_layer_stage(ctx: StageContext, model: ModelRef, index: int, input_key:
         h_in = RecordArray(ctx.store.open(input_key), HIDDEN)
         contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
         with ctx.store.writer(key, kind="clean_state", attrs={"layer": index}) as w:
-            h_out = WriterArray(w, HIDDEN, h_in.shape, rt.dtype, rt.micro_batch)
+            h_out = WriterArray(w, HIDDEN, h_in.shape, rt.dtype, rt.micro_batch, point=f"clean-layer:{index}:mid")
             forward_layer(checkpoint, index, h_in, h_out, contexts, device=rt.device, dtype=rt.dtype,
                           micro_batch=rt.micro_batch)
 

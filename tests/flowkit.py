@@ -1,0 +1,75 @@
+"""Helpers for pipeline tests: a tiny checkpoint, a config file, and running the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import tempfile
+import sys
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(path: Path, family: str = "llama", layers: int = 3) -> Path:
+    from conftest import tiny_model
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    model = tiny_model(family, layers=layers, hidden=64, vocab=512)
+    model.save_pretrained(path)
+    # A small word-level tokenizer over printable text, so calibration and evaluation run on real data.
+    vocab = {f"<{i}>": i for i in range(4)}
+    for ch in (chr(c) for c in range(32, 127)):
+        vocab.setdefault(ch, len(vocab))
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<0>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<0>", bos_token="<1>", eos_token="<2>")
+    fast.save_pretrained(path)
+    return path
+
+
+def write_config(path: Path, checkpoint: Path, store: Path, data_dir: str, **quantize) -> Path:
+    config = {
+        "name": "tiny",
+        "model": {"source": str(checkpoint)},
+        "data_dir": data_dir,
+        "calibration": {"n_samples": 4, "seqlen": 64},
+        "quantize": {"method": "loaq", "bits": 3, **quantize},
+        "evaluation": {"seqlen": 64, "max_windows": 3},
+        "runtime": {"threads": 1, "micro_batch": 2},
+        "store": {"url": str(store), "keep_quant_states": "last"},
+        "report_dir": str(store.parent / "runs"),
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``loaq`` in its own session; afterwards end whatever it left behind (a SIGKILLed run
+    leaves Prefect's ephemeral API server orphaned, holding the output pipes open)."""
+    full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "loaq", *args], stdout=out, stderr=err, env=full_env,
+                                cwd=REPO, start_new_session=True)
+        try:
+            returncode = proc.wait(timeout=timeout)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        out.seek(0)
+        err.seek(0)
+        return subprocess.CompletedProcess(proc.args, returncode, out.read(), err.read())
+
+
+def run_id(proc: subprocess.CompletedProcess) -> str:
+    for line in proc.stdout.splitlines():
+        if line.startswith("run id: "):
+            return line.split(": ", 1)[1].strip()
+    raise AssertionError(f"no run id in output:\n{proc.stdout}\n{proc.stderr[-3000:]}")

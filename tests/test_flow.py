@@ -1,0 +1,135 @@
+"""The pipeline: caching by input-derived keys, resuming after SIGKILL bit-identically, repairs."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowkit import make_checkpoint, run_cli, run_id, write_config
+from loaq.store import Store
+
+
+def weights_snapshot(store_url: Path) -> dict[str, torch.Tensor]:
+    """Every stored quantized weight array, keyed by layer and array name."""
+    store = Store(str(store_url))
+    out = {}
+    for info in store.list(kind="weights"):
+        record = store.open(info.key)
+        for name in record.names:
+            out[(info.attrs["layer"], info.attrs["config"]["alpha_in"], name)] = record.read(name)
+    return out
+
+
+def perplexities(store_url: Path) -> dict[tuple, float]:
+    store = Store(str(store_url))
+    return {i.key: i.attrs["ppl"] for i in store.list(kind="eval")}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, checkpoint, shared_data):
+    """One uninterrupted run, then an identical rerun and an alpha/beta variant on the same store."""
+    root = tmp_path_factory.mktemp("reference")
+    config = write_config(root / "tiny.yaml", checkpoint, root / "store", shared_data)
+    cold = run_cli("run", str(config))
+    assert cold.returncode == 0, cold.stderr[-3000:]
+    warm = run_cli("run", str(config))
+    assert warm.returncode == 0, warm.stderr[-3000:]
+    variant = run_cli("run", str(config), "--set", "quantize.alpha_in=0.3", "--set", "quantize.beta=0.1")
+    assert variant.returncode == 0, variant.stderr[-3000:]
+    return {"config": config, "store": root / "store", "cold": cold, "warm": warm, "variant": variant}
+
+
+def test_run_prints_perplexities_and_writes_report(reference):
+    out = reference["cold"].stdout
+    assert "perplexity" in out and "FP" in out and "loaq W3" in out
+    report = reference["store"].parent / "runs" / "tiny"
+    assert (report / "report.md").is_file() and (report / "divergence.png").stat().st_size > 1000
+
+
+def test_second_identical_run_recomputes_nothing(reference):
+    store = Store(str(reference["store"]))
+    events = store.events(run_id(reference["warm"]))
+    assert events, "the rerun logged no stage"
+    assert {e["action"] for e in events} == {"reused"}, [e for e in events if e["action"] != "reused"]
+    cold = store.events(run_id(reference["cold"]))
+    assert sum(e["action"] == "computed" for e in cold) >= 3 * 2 + 3  # clean + quantized per layer, and more
+
+
+def test_variant_reuses_calibration_embedding_and_clean_stream(reference):
+    store = Store(str(reference["store"]))
+    events = store.events(run_id(reference["variant"]))
+    by_stage = {}
+    for e in events:
+        by_stage.setdefault(e["stage"], set()).add(e["action"])
+    for stage in ("calibration", "embed", "clean-layer"):
+        assert by_stage[stage] == {"reused"}, (stage, by_stage[stage])
+    assert by_stage["quantize-layer"] == {"computed"}
+    # The FP evaluation is shared too; only the quantized one is new.
+    evals = [e for e in events if e["stage"] == "perplexity"]
+    assert sorted(e["action"] for e in evals) == ["computed", "reused"]
+
+
+@pytest.mark.parametrize("points", [
+    ["clean-layer:1:mid", "quantize-layer:1:mid", "perplexity:before"],
+    ["quantize-layer:0:after", "quantize-layer:2:mid"],
+])
+def test_sigkill_then_rerun_is_bit_identical(tmp_path, reference, checkpoint, shared_data, points):
+    config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
+    for point in points:
+        killed = run_cli("run", str(config), env={"LOAQ_FAILPOINT": point})
+        assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-2000:])
+    done = run_cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {k: v for k, v in weights_snapshot(reference["store"]).items() if k[1] == 0.5}
+    got = weights_snapshot(tmp_path / "store")
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    # Keys are content-derived, so the same evaluation has the same key in both stores.
+    ref_ppl, got_ppl = perplexities(reference["store"]), perplexities(tmp_path / "store")
+    assert len(got_ppl) == 2 and got_ppl.keys() <= ref_ppl.keys()
+    for key, value in got_ppl.items():
+        assert value == ref_ppl[key], key
+
+
+def test_corrupt_chunk_and_missing_mark_are_recomputed(tmp_path, reference, checkpoint, shared_data):
+    config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
+    assert run_cli("run", str(config)).returncode == 0
+    store = Store(str(tmp_path / "store"))
+    clean = sorted(store.list(kind="clean_state"), key=lambda i: i.attrs["layer"])
+    weights = sorted(store.list(kind="weights"), key=lambda i: i.attrs["layer"])
+    # Truncate one chunk of the clean stream after layer 0 ...
+    record_dir = tmp_path / "store" / "records" / clean[0].key[:2] / clean[0].key
+    chunk = next(p for p in sorted(record_dir.rglob("*")) if p.is_file() and "c" in p.relative_to(record_dir).parts)
+    chunk.write_bytes(chunk.read_bytes()[: chunk.stat().st_size // 2])
+    # ... and remove the completion marks of layer 1's weights and of the last evaluation.
+    store.invalidate(weights[1].key)
+    assert not store.is_complete(weights[1].key)
+    rerun = run_cli("run", str(config))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    events = store.events(run_id(rerun))
+    recomputed = {e["key"] for e in events if e["action"] == "computed"}
+    assert clean[0].key in recomputed  # the truncated record was detected when read, and rebuilt
+    assert store.is_complete(weights[1].key) and store.verify(clean[0].key)
+    expected = {k: v for k, v in weights_snapshot(reference["store"]).items() if k[1] == 0.5}
+    got = weights_snapshot(tmp_path / "store")
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+def test_second_run_on_a_locked_store_fails_clearly(tmp_path, checkpoint, shared_data):
+    config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
+    store = Store(str(tmp_path / "store"))
+    with store.lock("run"):
+        proc = run_cli("run", str(config))
+    assert proc.returncode == 2
+    lines = [l for l in proc.stderr.splitlines() if l.startswith("loaq: error:")]
+    assert len(lines) == 1 and "lock" in lines[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
