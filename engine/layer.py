@@ -21,6 +21,7 @@ only re-weights the independent per-output-channel least-squares problems (rows 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -71,10 +72,11 @@ class LayerQuantizer:
 
     def __init__(self, adapter: Adapter, config, index: int, state: dict[str, torch.Tensor], cfg: QuantizeConfig,
                  contexts: ContextFactory, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 micro_batch: int = 8):
+                 micro_batch: int = 8, cache_bytes: int = 8 << 30):
         self.adapter, self.config, self.index, self.cfg = adapter, config, index, cfg
         self.contexts, self.device, self.dtype, self.micro_batch = contexts, device, dtype, micro_batch
         self.eps = float(config.rms_norm_eps)
+        self.cache_bytes = cache_bytes  # host memory allowed for caching a sub-layer's W_out inputs
         self.clean = build_layer(adapter, config, index, state, dtype, device)
         self.quant = build_layer(adapter, config, index, state, dtype, device)
         # W_out linears are applied by hand (see module docstring); keep the clean ones.
@@ -143,10 +145,18 @@ class LayerQuantizer:
         linear = self.w_out[sub.name]
         W_out, bias = linear.weight.float(), linear.bias
         stats = OutputStats(W_out.shape[1], W_out.shape[0]) if clean else InputStats(W_out.shape[1])
+        # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
+        # instead of running the sub-layer module a second time.
+        inner_shape = (n, *hq.shape[1:-1], W_out.shape[1])
+        cache = None
+        if gather and math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
+            cache = MemoryArray(shape=inner_shape, dtype=self.dtype)
         if gather:
             for start, stop in micro_batches(n, self.micro_batch):
                 hq_b = self._load(hq, start, stop)
                 xq = self._inner(self.quant, sub, hq_b)
+                if cache is not None:
+                    cache.write(start, xq)
                 resid_q = hq_b if bias is None else hq_b + bias
                 if clean:
                     h_b = self._load(h, start, stop)
@@ -172,7 +182,8 @@ class LayerQuantizer:
         Q = q.weight.to(device=self.device, dtype=self.dtype)
         for start, stop in micro_batches(n, self.micro_batch):
             hq_b = self._load(hq, start, stop)
-            hq_next.write(start, hq_b + F.linear(self._inner(self.quant, sub, hq_b), Q, bias))
+            xq = cache.read(start, stop) if cache is not None else self._inner(self.quant, sub, hq_b)
+            hq_next.write(start, hq_b + F.linear(xq, Q, bias))
             if h is not None and not clean and h_next is not None:
                 h_b = self._load(h, start, stop)
                 h_next.write(start, h_b + F.linear(self._inner(self.clean, sub, h_b), linear.weight, bias))

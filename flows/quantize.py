@@ -110,7 +110,7 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
             quant_input = embedding if index == 0 else chain[index - 1]
             quantize_layer_stage(ctx, model, index, config.quantize, variant, chain[index], quant_input,
                                  clean[index], clean[index + 1])
-            retain(ctx, config.store, variant, index)
+            retain(ctx, config.store, chain[index - 1] if index > 0 else None)
             progress.done(index, ctx.store.open(weights_key(chain[index])).attrs)
 
     evals = {}
