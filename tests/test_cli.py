@@ -1,0 +1,60 @@
+"""The command line and the config files."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from loaq.configs.load import ConfigError, load_config
+from loaq.stages.quantize import chain_keys, config_identity
+
+
+def test_help_lists_the_commands():
+    out = subprocess.run([sys.executable, "-m", "loaq", "--help"], capture_output=True, text=True, check=True).stdout
+    for command in ("run", "sweep", "status", "gc", "report"):
+        assert command in out
+
+
+@pytest.mark.parametrize("preset", ["default", "paper"])
+def test_presets_load(preset):
+    config = load_config(preset)
+    assert config.model.source == "embedded:smollm2" and config.quantize.method == "loaq"
+    if preset == "paper":
+        assert (config.calibration.n_samples, config.calibration.seqlen) == (128, 2048)
+        assert config.evaluation.max_windows is None
+
+
+def test_overrides_are_typed_and_nested():
+    config = load_config("default", ["quantize.bits=4", "quantize.group_size=128", "evaluation.datasets=[wikitext2, c4]"])
+    assert config.quantize.bits == 4 and config.quantize.group_size == 128
+    assert config.evaluation.datasets == ("wikitext2", "c4")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("quantize.method=awq", "'quantize.method' = 'awq'"),
+    ("quantize.alpha_in=1.5", "less than or equal to 1"),
+    ("calibration.n_samples=0", "greater than or equal to 1"),
+    ("quantize", "expected FIELD=VALUE"),
+    ("runtime.devise=cuda", "'runtime.devise' is not known"),
+])
+def test_bad_values_name_the_field(override, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        load_config("default", [override])
+
+
+def test_unknown_preset_lists_the_presets():
+    with pytest.raises(ConfigError, match="presets: default, paper"):
+        load_config("nope")
+
+
+def test_chain_key_ignores_fields_a_method_does_not_use():
+    gptq_a = load_config("default", ["quantize.method=gptq", "quantize.alpha_in=0.1"]).quantize
+    gptq_b = load_config("default", ["quantize.method=gptq", "quantize.alpha_in=0.9"]).quantize
+    loaq_a = load_config("default", ["quantize.alpha_in=0.1"]).quantize
+    loaq_b = load_config("default", ["quantize.alpha_in=0.9"]).quantize
+    assert config_identity(gptq_a) == config_identity(gptq_b)
+    assert chain_keys("root", gptq_a, 3) == chain_keys("root", gptq_b, 3)
+    assert chain_keys("root", loaq_a, 3) != chain_keys("root", loaq_b, 3)
+    assert chain_keys("root", loaq_a, 3)[0] != chain_keys("other-root", loaq_a, 3)[0]
