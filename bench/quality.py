@@ -32,7 +32,7 @@ RESULTS = Path(__file__).parent / "results"
 GRIDS = {
     "default": [(m, 3, False) for m in ("rtn", "gptq", "lloa", "lloa_soa", "loaq")]
     + [("rtn", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("loaq", 4, False), ("loaq", 4, True)]
-    + [(m, 16, False) for m in ("rtn", "gptq", "loaq")],
+    + [(m, 16, False) for m in ("gptq", "loaq")],
     "w3": [(m, 3, False) for m in ("rtn", "gptq", "loaq")],
 }
 

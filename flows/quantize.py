@@ -21,13 +21,14 @@ from prefect import flow, get_run_logger
 
 from loaq.configs.schema import RunConfig
 from loaq.stages.context import Runtime, StageContext
-from loaq.stages.evaluate import perplexity_stage
+from loaq.stages.evaluate import perplexity_key, perplexity_stage
 from loaq.stages.model import prepare_model
 from loaq.stages.progress import LayerProgress
 from loaq.stages.quantize import chain_id, chain_keys, quantize_layer_stage, weights_key
 from loaq.stages.report import report_stage
 from loaq.stages.retention import retain
-from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
+from loaq.stages.streams import (calibration_key, calibration_stage, clean_key, clean_layer_stage, embed_key,
+                                 embed_stage)
 from loaq.store import CorruptRecord, Store
 from loaq.store.errors import StoreError
 
@@ -91,8 +92,13 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     log = get_run_logger()
     model = prepare_model(config.model, ctx.model_cache)
     log.info("model %s: %s, %d layers (key %s)", config.model.source, model.family, model.num_layers, model.key[:12])
-    calibration = calibration_stage(ctx, model, config.calibration, config.data_dir)
-    embedding = embed_stage(ctx, model, calibration)
+    # A stage whose records are complete is not started at all (no task run): reruns stay cheap.
+    calibration = calibration_key(model, config.calibration, config.data_dir)
+    if not ctx.reuse("calibration", calibration):
+        calibration_stage(ctx, model, config.calibration, config.data_dir)
+    embedding = embed_key(ctx, model, calibration)
+    if not ctx.reuse("embed", embedding):
+        embed_stage(ctx, model, calibration)
 
     chain = chain_keys(embedding, config.quantize, model.num_layers)
     variant = chain_id(embedding, config.quantize)
@@ -102,22 +108,28 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     clean = [embedding]
     with LayerProgress(model.num_layers, f"{config.quantize.method} W{config.quantize.bits}") as progress:
         for index in range(model.num_layers):
-            clean.append(clean_layer_stage(ctx, model, index, clean[index]))
+            clean.append(clean_key(ctx, model, index, clean[index]))
             if index < start:
                 ctx.store.log_event(ctx.run_id, "quantize-layer", chain[index], "reused")
                 progress.skip(index)
                 continue
+            if not ctx.reuse("clean-layer", clean[index + 1]):
+                clean_layer_stage(ctx, model, index, clean[index])
             quant_input = embedding if index == 0 else chain[index - 1]
             quantize_layer_stage(ctx, model, index, config.quantize, variant, chain[index], quant_input,
                                  clean[index], clean[index + 1])
             retain(ctx, config.store, chain[index - 1] if index > 0 else None)
-            progress.done(index, ctx.store.open(weights_key(chain[index])).attrs)
+            progress.done(index, ctx.store.open(weights_key(chain[index])).attrs,
+                          stored=ctx.store.size(chain[index]) + ctx.store.size(weights_key(chain[index]))
+                          + ctx.store.size(clean[index + 1]))
 
     evals = {}
     for dataset in config.evaluation.datasets:
-        evals[dataset] = {
-            "fp": perplexity_stage(ctx, model, None, dataset, config.evaluation, config.data_dir),
-            "quantized": perplexity_stage(ctx, model, chain, dataset, config.evaluation, config.data_dir),
-        }
+        evals[dataset] = {}
+        for which, quantized in (("fp", None), ("quantized", chain)):
+            key = perplexity_key(ctx, model, quantized, dataset, config.evaluation, config.data_dir)
+            if not ctx.reuse("perplexity", key):
+                perplexity_stage(ctx, model, quantized, dataset, config.evaluation, config.data_dir)
+            evals[dataset][which] = key
     report = report_stage(ctx, config, model, chain, evals)
     return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "report": report}

@@ -62,6 +62,14 @@ class StageContext:
     runtime: Runtime
     model_cache: str
 
+    def reuse(self, stage: str, *keys: str) -> bool:
+        """True (and logged) when every record ``keys`` is complete: the stage need not even start."""
+        if all(self.store.is_complete(k) for k in keys):
+            for k in keys:
+                self.store.log_event(self.run_id, stage, k, "reused")
+            return True
+        return False
+
     def cached(self, stage: str, key: str, compute: Callable[[], None]) -> str:
         """Return ``key``, computing its record with ``compute`` unless it is already complete."""
         if self.store.is_complete(key):

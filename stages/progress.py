@@ -18,11 +18,14 @@ class LayerProgress:
         self.bar.update(1)
         self.last = time.perf_counter()
 
-    def done(self, index: int, attrs: dict) -> None:
+    def done(self, index: int, attrs: dict, stored: int = 0) -> None:
+        """One line per layer: time, drift from the clean stream, and what the layer put on disk
+        (clean state + quantized state + weights)."""
         now = time.perf_counter()
         div = attrs.get("divergence", {})
         self.bar.write(f"layer {index:3d}: {now - self.last:6.1f} s  mse {div.get('mse', float('nan')):.3e}  "
-                       f"normalized mse {div.get('mse_normalized', float('nan')):.3e}", file=sys.stderr)
+                       f"normalized mse {div.get('mse_normalized', float('nan')):.3e}  "
+                       f"stored {stored / 2**20:7.1f} MiB", file=sys.stderr)
         self.bar.update(1)
         self.last = now
 
