@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from loaq.configs.schema import RunConfig
 from loaq.stages.context import StageContext
-from loaq.stages.evaluate import perplexity_key
+from loaq.stages.evaluate import perplexity_key, zero_shot_key
 from loaq.stages.model import ModelRef, prepare_model
 from loaq.stages.quantize import chain_id, chain_keys, weights_key
 from loaq.stages.streams import calibration_key, clean_key, embed_key
@@ -22,6 +22,7 @@ class Plan:
     weights: list[str]
     variant: str
     evals: dict[str, dict[str, str]]
+    zero_shot: dict[str, str]
 
 
 def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) -> Plan:
@@ -37,5 +38,7 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
     evals = {d: {"fp": perplexity_key(ctx, model, None, d, config.evaluation, config.data_dir),
                  "quantized": perplexity_key(ctx, model, chain, d, config.evaluation, config.data_dir)}
              for d in config.evaluation.datasets}
+    zero_shot = ({which: zero_shot_key(ctx, model, q, config.evaluation, config.data_dir)
+                  for which, q in (("fp", None), ("quantized", chain))} if config.evaluation.zero_shot_tasks else {})
     return Plan(model, calibration, embedding, clean, chain, [weights_key(k) for k in chain],
-                chain_id(embedding, config.quantize), evals)
+                chain_id(embedding, config.quantize), evals, zero_shot)

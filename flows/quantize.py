@@ -21,7 +21,7 @@ from prefect import flow, get_run_logger
 
 from loaq.configs.schema import RunConfig
 from loaq.stages.context import Runtime, StageContext
-from loaq.stages.evaluate import perplexity_key, perplexity_stage
+from loaq.stages.evaluate import perplexity_key, perplexity_stage, zero_shot_key, zero_shot_stage
 from loaq.stages.model import prepare_model
 from loaq.stages.progress import LayerProgress
 from loaq.stages.quantize import chain_id, chain_keys, quantize_layer_stage, weights_key
@@ -131,5 +131,12 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
             if not ctx.reuse("perplexity", key):
                 perplexity_stage(ctx, model, quantized, dataset, config.evaluation, config.data_dir)
             evals[dataset][which] = key
-    report = report_stage(ctx, config, model, chain, evals)
-    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "report": report}
+    zero_shot = {}
+    if config.evaluation.zero_shot_tasks:
+        for which, quantized in (("fp", None), ("quantized", chain)):
+            key = zero_shot_key(ctx, model, quantized, config.evaluation, config.data_dir)
+            if not ctx.reuse("zero-shot", key):
+                zero_shot_stage(ctx, model, quantized, config.evaluation, config.data_dir)
+            zero_shot[which] = key
+    report = report_stage(ctx, config, model, chain, evals, zero_shot)
+    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "zero_shot": zero_shot, "report": report}

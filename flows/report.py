@@ -18,4 +18,4 @@ def report_flow(config: RunConfig) -> str:
 
         raise ConfigError(f"the store has no complete run for config {config.name!r} ({len(missing)} records missing); "
                           "run `loaq run` with the same config first")
-    return report_stage.fn(ctx, config, p.model, p.chain, p.evals)
+    return report_stage.fn(ctx, config, p.model, p.chain, p.evals, p.zero_shot)

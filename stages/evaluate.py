@@ -78,3 +78,53 @@ def perplexity_stage(ctx: StageContext, model: ModelRef, chain: list[str] | None
             w.put("nll", nll)
 
     return ctx.cached("perplexity", key, compute)
+
+
+def zero_shot_key(ctx: StageContext, model: ModelRef, chain: list[str] | None, cfg: EvaluationConfig,
+                  data_dir: str | None) -> str:
+    return stage_key("zero_shot", EVAL_VERSION, model=model.key, quantized=chain[-1] if chain else None,
+                     tasks=sorted(cfg.zero_shot_tasks), limit=cfg.zero_shot_limit, data=data_identity(data_dir),
+                     dtype=str(ctx.runtime.dtype))
+
+
+def load_whole(checkpoint, source, dtype: torch.dtype, device: str):
+    """The whole model for lm-eval, built layer by layer from ``source`` (FP or quantized weights).
+
+    lm-eval scores a complete ``transformers`` model, so this one stage holds every layer at once
+    (on the device, or offloaded by the user's ``accelerate`` setup for models that do not fit).
+    """
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
+    state = {source.adapter.embed: source.embed_weight(), source.adapter.final_norm: source.final_norm_weight()}
+    if checkpoint.has(source.adapter.lm_head):
+        state[source.adapter.lm_head] = source.lm_head_weight()
+    for index in range(source.num_layers):
+        prefix = source.adapter.layer_prefix.format(index=index)
+        state.update({prefix + k: v for k, v in source.layer_state(index).items()})
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+    # Non-persistent buffers (rotary frequencies) are not in any state dict: build them for real.
+    model.model.rotary_emb = source.adapter.resolve("rotary_embedding")(config=model.config).to(device)
+    if getattr(checkpoint.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+@task(name="zero-shot", cache_policy=NONE)
+def zero_shot_stage(ctx: StageContext, model: ModelRef, chain: list[str] | None, cfg: EvaluationConfig,
+                    data_dir: str | None) -> str:
+    from loaq.evaluation.zeroshot import zero_shot
+
+    key = zero_shot_key(ctx, model, chain, cfg, data_dir)
+
+    def compute():
+        rt = ctx.runtime
+        checkpoint = model.open()
+        source = StoredQuantizedWeights(checkpoint, ctx.store, chain) if chain else checkpoint
+        whole = load_whole(checkpoint, source, rt.dtype, rt.device)
+        results = zero_shot(whole, checkpoint.tokenizer(), list(cfg.zero_shot_tasks), data_dir, cfg.zero_shot_limit)
+        with ctx.store.writer(key, kind="eval", attrs={"zero_shot": results, "quantized": chain is not None}) as w:
+            w.put("tasks", torch.tensor(len(cfg.zero_shot_tasks)))
+
+    return ctx.cached("zero-shot", key, compute)

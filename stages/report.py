@@ -48,8 +48,10 @@ def plot_divergence(layers: list[dict], label: str, path: str) -> None:
 
 
 @task(name="report", cache_policy=NONE)
-def report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, chain: list[str], evals: dict) -> str:
+def report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, chain: list[str], evals: dict,
+                 zero_shot: dict | None = None) -> str:
     data = collect(ctx, chain, evals)
+    data["zero_shot"] = {which: ctx.store.open(k).attrs["zero_shot"] for which, k in (zero_shot or {}).items()}
     q = config.quantize
     label = f"{q.method} W{q.bits}" + (f" g{q.group_size}" if q.group_size else "")
     out_dir = os.path.join(config.report_dir, config.name)
@@ -65,6 +67,15 @@ def report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, chain: l
     for dataset, row in data["perplexity"].items():
         fp, qa = row["fp"], row["quantized"]
         lines.append(f"| {fp['label']} | {fp['windows']} x {fp['seqlen']} | {fp['ppl']:.3f} | {qa['ppl']:.3f} |")
+    if data["zero_shot"]:
+        tasks = [t for t in data["zero_shot"]["fp"] if t != "skipped"]
+        lines += ["", "| zero-shot (lm-eval) | " + " | ".join(tasks) + " |", "| --- |" + " ---: |" * len(tasks)]
+        for which, res in data["zero_shot"].items():
+            cells = [f"{res[t]['acc']:.4f}" + (f" / {res[t]['acc_norm']:.4f}" if res[t].get("acc_norm") is not None else "")
+                     for t in tasks]
+            lines.append(f"| {which} (acc / acc_norm, n={res[tasks[0]]['n']}) | " + " | ".join(cells) + " |")
+        for task, reason in data["zero_shot"]["fp"].get("skipped", {}).items():
+            lines.append(f"\nskipped {task}: {reason}")
     lines += ["", "Perplexity is token-level with the GPTQ protocol (non-overlapping windows), not lm-eval's word perplexity.",
               "", "![per-layer divergence](divergence.png)", ""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
