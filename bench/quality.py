@@ -34,6 +34,10 @@ GRIDS = {
     + [("rtn", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("loaq", 4, False), ("loaq", 4, True)]
     + [(m, 16, False) for m in ("gptq", "loaq")],
     "w3": [(m, 3, False) for m in ("rtn", "gptq", "loaq")],
+    # The rows the engine's acceptance needs, in the order they are most informative.
+    "core": [("rtn", 3, False), ("gptq", 3, False), ("loaq", 3, False), ("rtn", 4, False), ("gptq", 4, False),
+             ("gptq", 4, True), ("loaq", 4, False), ("gptq", 16, False), ("loaq", 16, False)],
+    "ablation": [(m, 3, False) for m in ("lloa", "lloa_soa")],
 }
 
 
@@ -52,10 +56,14 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--store", default=".loaq/bench-store")
     ap.add_argument("--out", default=str(RESULTS / "quality"))
+    ap.add_argument("--append", action="store_true", help="add rows to the existing table instead of replacing it")
     args = ap.parse_args()
 
     rows = []
     fp = None
+    previous = Path(args.out).with_suffix(".json")
+    if args.append and previous.is_file():
+        rows = json.loads(previous.read_text())["rows"]
     for method, bits, act_order in GRIDS[args.grid]:
         config = load_config(args.config, [*args.overrides, f"store.url={args.store}", f"quantize.method={method}",
                                            f"quantize.bits={bits}", f"quantize.act_order={str(act_order).lower()}",
