@@ -15,7 +15,7 @@ from loaq.configs.schema import QuantizeConfig
 from loaq.models.layers import ContextFactory
 
 from .arrays import MemoryArray
-from .forward import embed, forward_layer
+from .forward import embed
 from .layer import LayerQuantizer, LayerResult
 from .metrics import stream_divergence
 from .sources import QuantizedWeights, WeightSource
@@ -55,5 +55,3 @@ def quantize_model(source: WeightSource, tokens: torch.Tensor, cfg: QuantizeConf
     result.final_hidden = hq.tensor
     return result
 
-
-__all__ = ["ModelResult", "quantize_model", "forward_layer"]
