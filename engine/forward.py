@@ -28,13 +28,11 @@ def forward_layer(source: WeightSource, index: int, h_in: SampleArray, h_out: Sa
                   *, device="cpu", dtype=torch.float32, micro_batch: int = 8) -> None:
     """h_out = decoder layer ``index`` applied to h_in (transformers' own layer forward)."""
     layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device)
-    from loaq.models.adapters import is_sliding_layer  # local: only needed here
-
     for start, stop in micro_batches(h_in.shape[0], micro_batch):
         h = h_in.read(start, stop).to(device=device, dtype=dtype)
         ctx = contexts(h)
-        mask = ctx.sliding_mask if is_sliding_layer(source.config, index) else ctx.causal_mask
-        h_out.write(start, layer(h, attention_mask=mask, position_embeddings=ctx.position_embeddings))
+        h_out.write(start, layer(h, attention_mask=ctx.mask_for(source.config, index),
+                                 position_embeddings=ctx.position_embeddings))
 
 
 @torch.no_grad()
