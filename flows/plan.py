@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from loaq.configs.schema import RunConfig
+from loaq.configs.schema import QuantizeConfig, RunConfig
 from loaq.stages.context import StageContext
 from loaq.stages.evaluate import perplexity_key, zero_shot_key
 from loaq.stages.model import ModelRef, prepare_model
 from loaq.stages.quantize import chain_id, chain_keys, weights_key
+from loaq.stages.report import variant_label
 from loaq.stages.streams import calibration_key, clean_key, embed_key
 
 
@@ -42,3 +43,17 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
                   for which, q in (("fp", None), ("quantized", chain))} if config.evaluation.zero_shot_tasks else {})
     return Plan(model, calibration, embedding, clean, chain, [weights_key(k) for k in chain],
                 chain_id(embedding, config.quantize), evals, zero_shot)
+
+
+BASELINE_METHODS = ("rtn", "gptq")
+
+
+def baseline_chains(embedding: str, q: QuantizeConfig, num_layers: int) -> dict[str, list[str]]:
+    """Chains of the RTN and GPTQ baselines with the same bits and grid as ``q`` (for reports:
+    drawn beside the run when the store holds them; never computed for that purpose)."""
+    out = {}
+    for method in BASELINE_METHODS:
+        if method != q.method:
+            other = q.model_copy(update={"method": method})
+            out[variant_label(other)] = chain_keys(embedding, other, num_layers)
+    return out

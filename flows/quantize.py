@@ -20,6 +20,7 @@ import uuid
 from prefect import flow, get_run_logger
 
 from loaq.configs.schema import RunConfig
+from loaq.flows.plan import baseline_chains
 from loaq.stages.context import Runtime, StageContext
 from loaq.stages.evaluate import perplexity_key, perplexity_stage, zero_shot_key, zero_shot_stage
 from loaq.stages.model import prepare_model
@@ -138,5 +139,6 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
             if not ctx.reuse("zero-shot", key):
                 zero_shot_stage(ctx, model, quantized, config.evaluation, config.data_dir)
             zero_shot[which] = key
-    report = report_stage(ctx, config, model, chain, evals, zero_shot)
+    report = report_stage(ctx, config, model, chain, evals, zero_shot,
+                          baseline_chains(embedding, config.quantize, model.num_layers))
     return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "zero_shot": zero_shot, "report": report}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from loaq.configs.schema import RunConfig
-from loaq.flows.plan import plan
+from loaq.flows.plan import baseline_chains, plan
 from loaq.flows.quantize import open_context
 from loaq.stages.report import report_stage
 
@@ -18,4 +18,5 @@ def report_flow(config: RunConfig) -> str:
 
         raise ConfigError(f"the store has no complete run for config {config.name!r} ({len(missing)} records missing); "
                           "run `loaq run` with the same config first")
-    return report_stage.fn(ctx, config, p.model, p.chain, p.evals, p.zero_shot)
+    return report_stage.fn(ctx, config, p.model, p.chain, p.evals, p.zero_shot,
+                           baseline_chains(p.embedding, config.quantize, p.model.num_layers))

@@ -1,10 +1,11 @@
 """The ``loaq`` command: run, sweep, status, gc, report.
 
     loaq run [CONFIG] [--set a.b=value ...]   quantize + evaluate + report (resumes / reuses)
-    loaq sweep CONFIG --alpha 0.3 0.5 --beta 0.1 0.25   variants sharing every upstream stage
+    loaq sweep CONFIG [--methods gptq loaq] [--bits 3 4] [--alpha 0.3 0.5] [--beta 0.1 0.25]
+                                              variants sharing every upstream stage, sweep report
     loaq status [CONFIG]                      per-stage, per-layer state of a run, with sizes
     loaq gc [CONFIG]                          apply the retention policy to the store
-    loaq report [CONFIG]                      rebuild report.md/json/plots from the store alone
+    loaq report [CONFIG] [sweep options]      rebuild report.md/json/plots from the store alone
 
 CONFIG is a YAML file or a preset name from the package's configs/ (default, paper).
 """
@@ -50,13 +51,19 @@ def _parser() -> argparse.ArgumentParser:
         return s
 
     with_config("run", "quantize, evaluate and report (idempotent: resumes or reuses)")
-    sweep = with_config("sweep", "run alpha/beta variants that share every upstream stage")
-    sweep.add_argument("--alpha", type=float, nargs="+", default=None, help="values for alpha_in and alpha_out")
-    sweep.add_argument("--beta", type=float, nargs="+", default=None, help="values for beta")
+    def sweep_axes(s):
+        s.add_argument("--methods", nargs="+", default=None, metavar="METHOD", help="quantize.method values")
+        s.add_argument("--bits", type=int, nargs="+", default=None, help="quantize.bits values")
+        s.add_argument("--alpha", type=float, nargs="+", default=None, help="values for alpha_in and alpha_out")
+        s.add_argument("--beta", type=float, nargs="+", default=None, help="values for beta")
+
+    sweep_axes(with_config("sweep", "run variants (methods x bits x alpha x beta) that share every upstream "
+                                    "stage, then write the sweep report"))
     with_config("status", "show per-stage, per-layer state of a run, with sizes")
     gc = with_config("gc", "apply the retention policy to the store")
     gc.add_argument("--drop-stats", action="store_true", help="also drop Hessian/statistics records")
-    with_config("report", "rebuild the run's report from the store alone")
+    sweep_axes(with_config("report", "rebuild the run's report (or, given sweep options, the sweep's) from the "
+                                     "store alone"))
     return p
 
 

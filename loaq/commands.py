@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 from loaq.configs.schema import RunConfig
 
 
@@ -30,17 +28,27 @@ def run(config: RunConfig, args) -> int:
     return 0
 
 
+def _sweep_spec(args):
+    from loaq.flows.sweep import SweepSpec
+
+    return SweepSpec(methods=tuple(args.methods or ()), bits=tuple(args.bits or ()), alphas=tuple(args.alpha or ()),
+                     betas=tuple(args.beta or ()))
+
+
 def sweep(config: RunConfig, args) -> int:
     from loaq.flows.sweep import sweep_flow
 
-    q = config.quantize
-    alphas = args.alpha or [q.alpha_in]
-    betas = args.beta or [q.beta]
-    variants = [(a, b) for a, b in itertools.product(alphas, betas)]
-    results = sweep_flow(config, variants)
-    print(f"{'alpha':>6} {'beta':>6}  " + "  ".join(f"{d:>10}" for d in config.evaluation.datasets))
-    for (a, b), ppl in results:
-        print(f"{a:6.2f} {b:6.2f}  " + "  ".join(f"{ppl[d]:10.3f}" for d in config.evaluation.datasets))
+    results, report_dir = sweep_flow(config, _sweep_spec(args))
+    datasets = config.evaluation.datasets
+    width = max(len(v.name) for v, _ in results)
+    from loaq.flows.quantize import open_context
+
+    store = open_context(config).store
+    print(f"{'variant':<{width}}  " + "  ".join(f"{d:>10}" for d in datasets))
+    for variant, result in results:
+        ppl = {d: store.open(k["quantized"]).attrs["ppl"] for d, k in result["evals"].items()}
+        print(f"{variant.name:<{width}}  " + "  ".join(f"{ppl[d]:10.3f}" for d in datasets))
+    print(f"report: {report_dir}/report.md")
     return 0
 
 
@@ -63,6 +71,12 @@ def gc(config: RunConfig, args) -> int:
 
 
 def report(config: RunConfig, args) -> int:
+    spec = _sweep_spec(args)
+    if not spec.is_empty():
+        from loaq.flows.sweep import sweep_report, variant_configs
+
+        print(f"report: {sweep_report(config, variant_configs(config, spec))}/report.md")
+        return 0
     from loaq.flows.report import report_flow
 
     print(f"report: {report_flow(config)}/report.md")
