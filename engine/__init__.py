@@ -4,4 +4,4 @@
 # It enters every quantized-chain store key: bump it when a change alters quantized weights, and
 # exactly the quantized chain is recomputed while calibration, embeddings and the clean stream are
 # reused.
-ALGORITHM_VERSION = 1
+ALGORITHM_VERSION = 2

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from loaq.models.layers import ContextFactory, build_layer
+from loaq.models.layers import ContextFactory, build_layer, call_sublayer
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 from .sources import WeightSource
@@ -33,6 +33,25 @@ def forward_layer(source: WeightSource, index: int, h_in: SampleArray, h_out: Sa
         ctx = contexts(h)
         h_out.write(start, layer(h, attention_mask=ctx.mask_for(source.config, index),
                                  position_embeddings=ctx.position_embeddings))
+
+
+@torch.no_grad()
+def clean_layer_forward(source: WeightSource, index: int, h_in: SampleArray, h_out: SampleArray,
+                        sub_out: dict[str, SampleArray], contexts: ContextFactory, *, device="cpu",
+                        dtype=torch.float32, micro_batch: int = 8) -> None:
+    """Like ``forward_layer``, and also writes each sub-layer's output Y (``sub_out[sub.name]``):
+    h_mid = h + Y_attn, h_out = h_mid + Y_mlp, the same operations in the same order as the
+    transformers layer, so h_out is bit-identical to ``forward_layer``'s. The LoaQ statistics of
+    W_out need only Y (Y - b = X W_out^T) from the clean stream, not X itself, which is what lets a
+    variant reuse the stored clean stream without running the full-precision layer again."""
+    layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device)
+    for start, stop in micro_batches(h_in.shape[0], micro_batch):
+        h = h_in.read(start, stop).to(device=device, dtype=dtype)
+        for sub in source.adapter.sublayers:
+            y = call_sublayer(layer, sub, h, contexts, index)
+            sub_out[sub.name].write(start, y)
+            h = h + y
+        h_out.write(start, h)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Quantize one decoder layer with two streams (paper, Algorithm 1, lines 3-21).
 
-The clean stream ``h`` runs the full-precision layer; the quantized stream ``h_hat`` runs the layer
+The clean stream ``h`` is the full-precision model; the quantized stream ``h_hat`` runs the layer
 whose earlier linears are already quantized (true-sequential order: attention W_in = [q;k;v],
 attention W_out = o, MLP W_in = [gate;up], MLP W_out = down). For each W the engine accumulates
 statistics micro-batch by micro-batch, forms the LoaQ target and hands it to GPTQ with the same
@@ -8,10 +8,17 @@ damped Hessian.
 
 Every sub-layer is handled the same way: ``h + phi(Norm(h) W_in) W_out``. We build transformers'
 own decoder layer and replace its W_out linear by an identity, so calling the attention (or MLP)
-module yields ``X = phi(Norm(h) W_in)``, the input of W_out, which we then apply ourselves.
+module yields ``X_hat = phi(Norm(h_hat) W_in)``, the input of W_out, which we then apply ourselves.
 
-Norm factors: the W_out statistics of LoaQ weight each token by s = r(h + X W_out) and
-s_hat = r(h_hat + X_hat W_out) (eq. 12 with h_hat; Algorithm 1 line 11 misprints h), where r is the
+The clean stream is read, never recomputed: it comes as the layer's input h and each sub-layer's
+output Y = X W_out^T + b (``CleanStream``, computed once by ``forward.clean_layer_forward`` and
+shared by every variant). That is all the LoaQ targets need: W_in's C uses X = Norm(h) (h_mid =
+h + Y_attn for the MLP), and W_out's statistics need X only through X W_out^T = Y - b
+(``quant.ProjectedOutputStats``). So a variant on a stored clean stream runs the quantized stream
+only, like GPTQ.
+
+Norm factors: the W_out statistics of LoaQ weight each token by s = r(h + Y) and
+s_hat = r(h_hat + Y_hat) (eq. 12 with h_hat; Algorithm 1 line 11 misprints h), where r is the
 per-token factor of the *next* RMSNorm (this layer's post-attention norm after attention, the next
 layer's input norm or the model's final norm after the MLP). The next norm's elementwise weight
 gamma is deliberately left out: it scales output feature j of both sides by the same gamma_j, so it
@@ -30,10 +37,12 @@ from torch import nn
 
 from loaq.configs.schema import QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
-from loaq.models.layers import ContextFactory, build_layer, rms_factor, set_submodule, submodule
-from loaq.quant import InputStats, OutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptq, loaq_target, rtn
+from loaq.models.layers import ContextFactory, build_layer, call_sublayer, rms_factor, set_submodule, submodule
+from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptq, loaq_target,
+                        rtn, shifted_target)
 
 from .arrays import MemoryArray, SampleArray, micro_batches
+from .metrics import PhaseTimes
 
 
 @dataclass
@@ -42,6 +51,17 @@ class LayerResult:
 
     weights: dict[str, QuantizedWeight] = field(default_factory=dict)  # linear name -> weight
     solver: dict[str, dict] = field(default_factory=dict)  # "attn.w_in" etc. -> loss, damping, tokens
+    seconds: dict[str, float] = field(default_factory=dict)  # phase -> wall time (read, quant_forward, ...)
+
+
+@dataclass
+class CleanStream:
+    """The clean stream through one decoder layer: its input ``h`` (samples, seqlen, d) and each
+    sub-layer's output ``out[name]`` = phi(Norm(h) W_in) W_out + b, so that h_mid = h + Y_attn and
+    the layer's output is h_mid + Y_mlp."""
+
+    h: SampleArray
+    out: dict[str, SampleArray]
 
 
 def take_rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
@@ -60,7 +80,10 @@ def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float
     if cfg.method == "rtn":
         return rtn(W, spec), {}
     hessian = damp_hessian(stats.H, cfg.percdamp)
-    target = loaq_target(W, hessian, stats.C, stats.B, alpha, beta)
+    if isinstance(stats, ProjectedOutputStats):
+        target = shifted_target(W, hessian, stats.R)  # alpha, beta are already in R
+    else:
+        target = loaq_target(W, hessian, stats.C, stats.B, alpha, beta)
     result = gptq(target, hessian, spec, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
     info = {"loss": float(result.loss), "percdamp": float(result.percdamp), "lambda": float(result.lam),
             "tokens": int(stats.n_tokens)}
@@ -68,7 +91,8 @@ def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float
 
 
 class LayerQuantizer:
-    """Quantizes decoder layer ``index`` given both streams' inputs; writes both streams' outputs."""
+    """Quantizes decoder layer ``index`` given the quantized stream's input (and, for the LoaQ
+    family, the clean stream through the layer); writes the quantized stream's output."""
 
     def __init__(self, adapter: Adapter, config, index: int, state: dict[str, torch.Tensor], cfg: QuantizeConfig,
                  contexts: ContextFactory, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -77,29 +101,31 @@ class LayerQuantizer:
         self.contexts, self.device, self.dtype, self.micro_batch = contexts, device, dtype, micro_batch
         self.eps = float(config.rms_norm_eps)
         self.cache_bytes = cache_bytes  # host memory allowed for caching a sub-layer's W_out inputs
-        self.clean = build_layer(adapter, config, index, state, dtype, device)
         self.quant = build_layer(adapter, config, index, state, dtype, device)
-        # W_out linears are applied by hand (see module docstring); keep the clean ones.
+        # W_out linears are applied by hand (see module docstring); keep the full-precision ones.
         self.w_out: dict[str, nn.Linear] = {}
         for sub in adapter.sublayers:
-            self.w_out[sub.name] = submodule(self.clean, sub.w_out)
-            set_submodule(self.clean, sub.w_out, nn.Identity())
+            self.w_out[sub.name] = submodule(self.quant, sub.w_out)
             set_submodule(self.quant, sub.w_out, nn.Identity())
         self.result = LayerResult()
+        self.timer = PhaseTimes(device)
 
     # -- the sub-layer pieces -------------------------------------------------------------------
-    def _inner(self, layer: nn.Module, sub: SubLayer, h: torch.Tensor) -> torch.Tensor:
-        """X = phi(Norm(h) W_in): the input of the sub-layer's W_out."""
-        x = submodule(layer, sub.norm)(h)
-        module = submodule(layer, sub.module)
-        if sub.name == "attn":
-            ctx = self.contexts(h)
-            return module(hidden_states=x, position_embeddings=ctx.position_embeddings,
-                          attention_mask=ctx.mask_for(self.config, self.index))[0]
-        return module(x)
+    def _inner(self, sub: SubLayer, hq: torch.Tensor) -> torch.Tensor:
+        """X_hat = phi(Norm(h_hat) W_in): the input of the sub-layer's W_out (quantized stream)."""
+        with self.timer("quant_forward"):
+            return call_sublayer(self.quant, sub, hq, self.contexts, self.index)
 
     def _load(self, h: SampleArray, start: int, stop: int) -> torch.Tensor:
-        return h.read(start, stop).to(device=self.device, dtype=self.dtype)
+        with self.timer("read"):
+            return h.read(start, stop).to(device=self.device, dtype=self.dtype)
+
+    def _clean_input(self, clean: CleanStream, position: int, start: int, stop: int) -> torch.Tensor:
+        """The clean residual stream in front of sub-layer ``position``: h, or h + Y_attn, ..."""
+        h = self._load(clean.h, start, stop)
+        for before in self.adapter.sublayers[:position]:
+            h = h + self._load(clean.out[before.name], start, stop)
+        return h
 
     @staticmethod
     def _flat(t: torch.Tensor) -> torch.Tensor:
@@ -116,65 +142,66 @@ class LayerQuantizer:
             self.result.weights[name] = part
             row += rows
 
+    def _solve(self, part: str, W: torch.Tensor, stats, alpha: float, beta: float) -> QuantizedWeight:
+        with self.timer("solve"):
+            q, info = solve(W, self.cfg, stats, alpha, beta)
+        self.result.solver[part] = info
+        return q
+
     # -- one sub-layer ------------------------------------------------------------------------------
     @torch.no_grad()
-    def _quantize_sublayer(self, sub: SubLayer, h: SampleArray | None, hq: SampleArray,
-                           h_next: SampleArray | None, hq_next: SampleArray) -> None:
-        cfg, n = self.cfg, hq.shape[0]
+    def _quantize_sublayer(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
+                           hq_next: SampleArray) -> None:
+        cfg, n, timer = self.cfg, hq.shape[0], self.timer
         alpha_in, alpha_out, beta = cfg.alphas_beta()
-        lloa, soa, noa = cfg.terms
-        clean = h is not None and cfg.needs_clean_stream()
+        _, _, noa = cfg.terms
+        use_clean = clean is not None and cfg.needs_clean_stream()
         gather = cfg.method != "rtn"
 
-        # W_in: H = X_hat^T X_hat, C = X_hat^T (X - X_hat) with X = Norm(h).
+        # W_in: H = X_hat^T X_hat, C = X_hat^T (X - X_hat) with X = Norm(h). Norms are not
+        # quantized, so the quantized layer's norm serves both streams.
         w_in_names = sub.w_in
-        W_in = torch.cat([submodule(self.clean, name).weight for name in w_in_names]).float()
+        W_in = torch.cat([submodule(self.quant, name).weight for name in w_in_names]).float()
         stats = InputStats(W_in.shape[1])
         if gather:
-            norm_c, norm_q = submodule(self.clean, sub.norm), submodule(self.quant, sub.norm)
+            norm = submodule(self.quant, sub.norm)
             for start, stop in micro_batches(n, self.micro_batch):
-                xq = self._flat(norm_q(self._load(hq, start, stop)))
-                x = self._flat(norm_c(self._load(h, start, stop))) if clean else xq
-                stats.add(x, xq)
-        q, info = solve(W_in, cfg, stats, alpha_in, 0.0)
-        self.result.solver[f"{sub.name}.w_in"] = info
-        self._assign(w_in_names, q)
+                hq_b = self._load(hq, start, stop)
+                h_b = self._clean_input(clean, position, start, stop) if use_clean else None
+                with timer("stats"):
+                    xq = self._flat(norm(hq_b))
+                    stats.add(self._flat(norm(h_b)) if use_clean else xq, xq)
+        self._assign(w_in_names, self._solve(f"{sub.name}.w_in", W_in, stats, alpha_in, 0.0))
         del stats
 
-        # W_out: statistics on X = phi(Norm(h) W_in) with the quantized W_in in the quantized stream.
+        # W_out: statistics on X_hat = phi(Norm(h_hat) W_in) with the quantized W_in.
         linear = self.w_out[sub.name]
-        W_out, bias = linear.weight.float(), linear.bias
-        stats = OutputStats(W_out.shape[1], W_out.shape[0]) if clean else InputStats(W_out.shape[1])
+        W_out, bias = linear.weight, linear.bias
+        n_out, n_in = W_out.shape
+        stats = ProjectedOutputStats(n_in, n_out) if use_clean else InputStats(n_in)
         # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
         # instead of running the sub-layer module a second time.
-        inner_shape = (n, *hq.shape[1:-1], W_out.shape[1])
+        inner_shape = (n, *hq.shape[1:-1], n_in)
         cache = None
         if gather and math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
             cache = MemoryArray(shape=inner_shape, dtype=self.dtype)
         if gather:
             for start, stop in micro_batches(n, self.micro_batch):
                 hq_b = self._load(hq, start, stop)
-                xq = self._inner(self.quant, sub, hq_b)
+                xq = self._inner(sub, hq_b)
                 if cache is not None:
                     cache.write(start, xq)
-                resid_q = hq_b if bias is None else hq_b + bias
-                if clean:
-                    h_b = self._load(h, start, stop)
-                    x = self._inner(self.clean, sub, h_b)
-                    resid = h_b if bias is None else h_b + bias
-                    if noa:
-                        s = rms_factor(resid + F.linear(x, linear.weight), self.eps)
-                        s_hat = rms_factor(resid_q + F.linear(xq, linear.weight), self.eps)
-                    else:
-                        s = s_hat = None
-                    if h_next is not None:
-                        h_next.write(start, h_b + F.linear(x, linear.weight, bias))
-                    stats.add(self._flat(x), self._flat(xq), self._flat(resid), self._flat(resid_q),
-                              None if s is None else s.reshape(-1), None if s_hat is None else s_hat.reshape(-1))
-                else:
-                    stats.add(self._flat(xq), self._flat(xq))
-        q, info = solve(W_out, cfg, stats, alpha_out, beta if soa else 0.0)
-        self.result.solver[f"{sub.name}.w_out"] = info
+                if not use_clean:
+                    with timer("stats"):
+                        stats.add(self._flat(xq), self._flat(xq))
+                    continue
+                h_b = self._clean_input(clean, position, start, stop)
+                y = self._load(clean.out[sub.name], start, stop)
+                with timer("stats"):
+                    D, s_hat = self._output_difference(h_b, y, hq_b, F.linear(xq, W_out, bias), bias,
+                                                       alpha_out, beta, noa)
+                    stats.add(self._flat(xq), D, s_hat)
+        q = self._solve(f"{sub.name}.w_out", W_out.float(), stats, alpha_out, beta)
         self.result.weights[sub.w_out] = q
         del stats
 
@@ -182,19 +209,31 @@ class LayerQuantizer:
         Q = q.weight.to(device=self.device, dtype=self.dtype)
         for start, stop in micro_batches(n, self.micro_batch):
             hq_b = self._load(hq, start, stop)
-            xq = cache.read(start, stop) if cache is not None else self._inner(self.quant, sub, hq_b)
-            hq_next.write(start, hq_b + F.linear(xq, Q, bias))
-            if h is not None and not clean and h_next is not None:
-                h_b = self._load(h, start, stop)
-                h_next.write(start, h_b + F.linear(self._inner(self.clean, sub, h_b), linear.weight, bias))
+            xq = cache.read(start, stop) if cache is not None else self._inner(sub, hq_b)
+            with timer("quant_forward"):
+                out = hq_b + F.linear(xq, Q, bias)
+            with timer("write"):
+                hq_next.write(start, out)
 
-    def run(self, h_in: SampleArray | None, hq_in: SampleArray, h_out: SampleArray | None,
-            hq_out: SampleArray) -> LayerResult:
-        """Quantize the layer. ``h_in``/``h_out`` (clean stream) may be None for RTN/GPTQ, which
-        only need the quantized stream; given, the clean stream is propagated too."""
-        first, second = self.adapter.sublayers
+    def _output_difference(self, h, y, hq, yq, bias, alpha: float, beta: float, noa: bool):
+        """Per-token D of ``ProjectedOutputStats`` (and s_hat): with s = r(h + Y), s_hat = r(h_hat + Y_hat)
+        (ones when not normalised), D = s*(alpha*(Y - b) + beta*(h + b)) - s_hat*(alpha*(Y_hat - b) + beta*(h_hat + b))."""
+        h, y, hq, yq = (t.to(torch.float32) for t in (h, y, hq, yq))
+        b = 0.0 if bias is None else bias.to(torch.float32)
+        clean_side = alpha * (y - b) + beta * (h + b)
+        quant_side = alpha * (yq - b) + beta * (hq + b)
+        if not noa:
+            return self._flat(clean_side - quant_side), None
+        s = rms_factor(h + y, self.eps).unsqueeze(-1)
+        s_hat = rms_factor(hq + yq, self.eps).unsqueeze(-1)
+        return self._flat(s * clean_side - s_hat * quant_side), s_hat.reshape(-1)
+
+    def run(self, clean: CleanStream | None, hq_in: SampleArray, hq_out: SampleArray) -> LayerResult:
+        """Quantize the layer. ``clean`` (the clean stream through this layer) is needed by the LoaQ
+        family and ignored by RTN/GPTQ, which only need the quantized stream."""
         hq_mid = MemoryArray(shape=hq_in.shape, dtype=self.dtype)
-        h_mid = MemoryArray(shape=h_in.shape, dtype=self.dtype) if h_in is not None else None
-        self._quantize_sublayer(first, h_in, hq_in, h_mid, hq_mid)
-        self._quantize_sublayer(second, h_mid, hq_mid, h_out, hq_out)
+        first, second = self.adapter.sublayers
+        self._quantize_sublayer(0, first, clean, hq_in, hq_mid)
+        self._quantize_sublayer(1, second, clean, hq_mid, hq_out)
+        self.result.seconds = self.timer.as_dict()
         return self.result

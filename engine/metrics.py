@@ -8,6 +8,10 @@ them: a token is an outlier when its clean RMS exceeds ``outlier_factor`` times 
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections import defaultdict
+
 import torch
 
 from .arrays import SampleArray, micro_batches
@@ -50,3 +54,26 @@ def stream_divergence(h: SampleArray, hq: SampleArray, *, outlier_factor: float 
     for a, b in micro_batches(h.shape[0], micro_batch):
         meter.add(h.read(a, b), hq.read(a, b))
     return meter.result()
+
+
+class PhaseTimes:
+    """Wall time per phase of a layer's work (read, clean_forward, quant_forward, stats, target,
+    solve, write), for the per-stage cost breakdown. On CUDA each phase ends with a synchronize so
+    that asynchronous kernels are charged to the phase that launched them."""
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.sync = torch.device(device).type == "cuda"
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.sync:
+                torch.cuda.synchronize()
+            self.seconds[phase] += time.perf_counter() - started
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in self.seconds.items()}

@@ -15,8 +15,8 @@ from loaq.configs.schema import QuantizeConfig
 from loaq.models.layers import ContextFactory
 
 from .arrays import MemoryArray
-from .forward import embed
-from .layer import LayerQuantizer, LayerResult
+from .forward import clean_layer_forward, embed
+from .layer import CleanStream, LayerQuantizer, LayerResult
 from .metrics import stream_divergence
 from .sources import QuantizedWeights, WeightSource
 
@@ -44,9 +44,12 @@ def quantize_model(source: WeightSource, tokens: torch.Tensor, cfg: QuantizeConf
     result = ModelResult()
     for index in range(source.num_layers):
         h_out, hq_out = MemoryArray(shape=h.shape, dtype=dtype), MemoryArray(shape=h.shape, dtype=dtype)
+        clean = CleanStream(h, {sub.name: MemoryArray(shape=h.shape, dtype=dtype) for sub in source.adapter.sublayers})
+        clean_layer_forward(source, index, h, h_out, clean.out, contexts, device=device, dtype=dtype,
+                            micro_batch=micro_batch)
         quantizer = LayerQuantizer(source.adapter, source.config, index, source.layer_state(index), cfg, contexts,
                                    device=device, dtype=dtype, micro_batch=micro_batch)
-        layer_result = quantizer.run(h, hq, h_out, hq_out)
+        layer_result = quantizer.run(clean, hq, hq_out)
         result.layers.append(layer_result)
         result.divergence.append(stream_divergence(h_out, hq_out))
         if on_layer is not None:

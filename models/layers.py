@@ -79,6 +79,18 @@ class ContextFactory:
         return self._cache[key]
 
 
+def call_sublayer(layer: nn.Module, sub, hidden: torch.Tensor, contexts: "ContextFactory", index: int) -> torch.Tensor:
+    """The sub-layer's module on Norm(hidden): phi(Norm(h) W_in) W_out (+ bias), without the
+    residual add; with W_out replaced by an identity it returns the input of W_out instead."""
+    x = submodule(layer, sub.norm)(hidden)
+    module = submodule(layer, sub.module)
+    if sub.name == "attn":
+        ctx = contexts(hidden)
+        return module(hidden_states=x, position_embeddings=ctx.position_embeddings,
+                      attention_mask=ctx.mask_for(contexts.config, index))[0]
+    return module(x)
+
+
 def rms_factor(hidden: torch.Tensor, eps: float) -> torch.Tensor:
     """Per-token RMSNorm factor r(x) = (mean(x^2) + eps)^-1/2 (paper eq. 1), computed as transformers'
     RMSNorm does (in float32). hidden: (..., d) -> (...)."""

@@ -26,8 +26,8 @@ from .grid import (
 from .gptq import GPTQResult, gptq
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .rtn import rtn
-from .stats import InputStats, OutputStats
-from .targets import TargetSpec, loaq_target
+from .stats import InputStats, OutputStats, ProjectedOutputStats
+from .targets import TargetSpec, loaq_target, shifted_target
 
 __all__ = [
     "DampedHessian",
@@ -35,6 +35,7 @@ __all__ = [
     "HessianDampingError",
     "InputStats",
     "OutputStats",
+    "ProjectedOutputStats",
     "QuantSpec",
     "QuantizedWeight",
     "TargetSpec",
@@ -47,4 +48,5 @@ __all__ = [
     "loaq_target",
     "quantize_codes",
     "rtn",
+    "shifted_target",
 ]

@@ -147,3 +147,45 @@ class OutputStats:
     @property
     def B(self) -> torch.Tensor:
         return self._B
+
+
+class ProjectedOutputStats:
+    """W_out statistics for the LoaQ family gathered without the clean stream's W_out input X.
+
+    The target needs C and B only through the (in, out) right-hand side α·C·Wᵀ + β·B (see
+    ``targets.shifted_target``), and with X'·Wᵀ = s·(Y − b) it is one sum over tokens:
+
+        R = Σ X̂'ᵀ D,   D = α·(s·(Y − b) − ŝ·(Ŷ − b)) + β·(s·(h + b) − ŝ·(ĥ + b))   (t, out)
+
+    where Y = XWᵀ + b is the clean sub-layer output (stored with the clean stream), Ŷ = X̂Wᵀ + b,
+    h, ĥ the residual inputs and s, ŝ the next norm's per-token factors (ones when unnormalised).
+    Equal to OutputStats' α·C·Wᵀ + β·B; the caller forms D, so X is never needed. H = Σ X̂'ᵀX̂'.
+    """
+
+    def __init__(self, n_in: int, n_out: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
+        self.n_in, self.n_out = n_in, n_out
+        self.compute_dtype = compute_dtype
+        self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._R = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
+        self.n_tokens = 0
+
+    def add(self, Xq: torch.Tensor, D: torch.Tensor, sq: torch.Tensor | None = None) -> None:
+        """Xq: (..., in) quantized-stream input of W_out; D: (..., out) as above; sq: (...,) or None."""
+        dev, dt = self._H.device, self.compute_dtype
+        Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=dev, dtype=dt)
+        D = _as_tokens(D, self.n_out, "D").to(device=dev, dtype=dt)
+        if Xq.shape[0] != D.shape[0]:
+            raise ValueError(f"Xq has {Xq.shape[0]} tokens but D has {D.shape[0]}")
+        if sq is not None:
+            Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(device=dev, dtype=dt)[:, None] * Xq
+        self._H += (Xq.T @ Xq).to(torch.float64)
+        self._R += (Xq.T @ D).to(torch.float64)
+        self.n_tokens += Xq.shape[0]
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self._H
+
+    @property
+    def R(self) -> torch.Tensor:
+        return self._R

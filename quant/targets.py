@@ -91,5 +91,16 @@ def loaq_target(
         rhs.addmm_(C.to(W64), W64.T, alpha=float(alpha))
     if use_b:
         rhs.add_(B.to(W64), alpha=float(beta))
-    correction = hessian.solve(rhs)  # (in, out)
+    return shifted_target(W, hessian, rhs)
+
+
+def shifted_target(W: torch.Tensor, hessian: DampedHessian, rhs: torch.Tensor | None) -> torch.Tensor:
+    """W̃ = W + (H⁻¹ rhs)ᵀ for W (out, in) and rhs (in, out) = α C Wᵀ + β B, already summed
+    (``ProjectedOutputStats.R``). An all-zero or missing rhs returns W unchanged (a copy)."""
+    if rhs is None or not bool(rhs.any()):
+        return W.clone()
+    if tuple(rhs.shape) != (W.shape[1], W.shape[0]):
+        raise ValueError(f"rhs must be (in, out) = {(W.shape[1], W.shape[0])}, got {tuple(rhs.shape)}")
+    W64 = W.to(device=hessian.H.device, dtype=torch.float64)
+    correction = hessian.solve(rhs.to(W64))  # (in, out)
     return (W64 + correction.T).to(device=W.device, dtype=W.dtype)

@@ -17,7 +17,7 @@ from prefect.cache_policies import NONE
 
 from loaq.configs.schema import QuantizeConfig
 from loaq.engine import ALGORITHM_VERSION
-from loaq.engine.layer import LayerQuantizer
+from loaq.engine.layer import CleanStream, LayerQuantizer
 from loaq.engine.metrics import DivergenceMeter, outlier_threshold
 from loaq.models.layers import ContextFactory
 from loaq.quant import QuantizedWeight
@@ -26,7 +26,7 @@ from loaq.store.keys import stage_key
 from .arrays import RecordArray, WriterArray
 from .context import StageContext, failpoint
 from .model import ModelRef
-from .streams import HIDDEN
+from .streams import HIDDEN, sublayer_output
 
 WEIGHT_PARTS = ("codes", "scales", "zeros", "g_idx")
 
@@ -112,8 +112,11 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
     failpoint(f"quantize-layer:{index}:before")
     checkpoint = model.open()
     hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
-    clean_in = RecordArray(ctx.store.open(clean_input_key), HIDDEN)
-    clean_out = RecordArray(ctx.store.open(clean_output_key), HIDDEN)
+    clean_record = ctx.store.open(clean_output_key)
+    clean_out = RecordArray(clean_record, HIDDEN)
+    clean = CleanStream(RecordArray(ctx.store.open(clean_input_key), HIDDEN),
+                        {sub.name: RecordArray(clean_record, sublayer_output(sub.name))
+                         for sub in checkpoint.adapter.sublayers})
     meter = DivergenceMeter(outlier_threshold(clean_out, micro_batch=rt.micro_batch))
     contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
     quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
@@ -123,13 +126,13 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
     with ctx.store.writer(chain_key, kind="quant_state", attrs=attrs, overwrite=True) as w:
         hq_out = _MeteredArray(WriterArray(w, HIDDEN, hq_in.shape, rt.dtype, rt.micro_batch,
                                            point=f"quantize-layer:{index}:mid"), clean_out, meter)
-        result = quantizer.run(clean_in if cfg.needs_clean_stream() else None, hq_in, None, hq_out)
+        result = quantizer.run(clean if cfg.needs_clean_stream() else None, hq_in, hq_out)
     divergence = meter.result()
     if not ctx.store.is_complete(w_key):
         with ctx.store.writer(w_key, kind="weights", overwrite=True,
                               attrs={"layer": index, "bits": cfg.bits, "group_size": cfg.group_size,
                                      "symmetric": cfg.symmetric, "config": config_identity(cfg),
-                                     "solver": result.solver, "divergence": divergence,
+                                     "solver": result.solver, "divergence": divergence, "seconds": result.seconds,
                                      "linears": list(result.weights)}) as w:
             write_weights(w, result.weights)
     failpoint(f"quantize-layer:{index}:after")

@@ -42,6 +42,10 @@ def perplexities(ctx: StageContext, evals: dict) -> dict:
     return {dataset: {which: ctx.store.open(k).attrs for which, k in keys.items()} for dataset, keys in evals.items()}
 
 
+def model_name(config: RunConfig) -> str:
+    return os.path.basename(config.model.source.rstrip("/")).removeprefix("embedded:")
+
+
 def _header(config: RunConfig, model: ModelRef) -> str:
     c = config.calibration
     return (f"Model `{config.model.source}` ({model.family}, {model.num_layers} layers); calibration "
@@ -70,7 +74,7 @@ def report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, chain: l
               "config": json.loads(config.model_dump_json()), **data}
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump(report, f, indent=1)
-    plot_divergence(series, os.path.join(out_dir, "divergence.png"), title=f"{model.family}, {label}")
+    plot_divergence(series, os.path.join(out_dir, "divergence.png"), title=f"{model_name(config)} {label}")
     lines = [f"# loaq report: {config.name}", "", _header(config, model) + f" Quantized: {variant_label(config.quantize, True)}.",
              "", "| dataset | windows x seqlen | FP ppl | quantized ppl |", "| --- | --- | ---: | ---: |"]
     for dataset, row in data["perplexity"].items():
@@ -88,6 +92,9 @@ def report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, chain: l
     lines += ["", PPL_NOTE, "", "Per-layer drift of the quantized stream"
               + (f" (with {', '.join(data['baselines'])} from the same store)" if data["baselines"] else "") + ":",
               "", "![per-layer divergence](divergence.png)", ""]
+    for other, rows in data["baselines"].items():
+        below = sum(a["mse_normalized"] < b["mse_normalized"] for a, b in zip(data["layers"], rows))
+        lines.append(f"- normalised MSE below {other}'s in {below} of {len(rows)} layers")
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     return out_dir
@@ -129,7 +136,7 @@ def sweep_report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, va
                            "alphas": alphas, "betas": betas, "ppl": {(r["alpha_in"], r["beta"]): r["ppl"][d] for r in members}})
     if panels:
         plot_heatmaps(panels, os.path.join(out_dir, "heatmap.png"))
-    plot_divergence(series, os.path.join(out_dir, "divergence.png"), title=f"{model.family} sweep")
+    plot_divergence(series, os.path.join(out_dir, "divergence.png"), title=f"{model_name(config)} sweep")
 
     with open(os.path.join(out_dir, "report.json"), "w") as f:
         json.dump({"name": f"{config.name}-sweep", "model": config.model.source, "model_key": model.key,

@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 
 from loaq.configs.schema import CalibrationConfig
 from loaq.data.calibration import CalibrationSpec, sample_calibration
-from loaq.engine.forward import embed, forward_layer
+from loaq.engine.forward import clean_layer_forward, embed
 from loaq.models.layers import ContextFactory
 from loaq.store.keys import stage_key
 
@@ -21,7 +21,14 @@ from .context import StageContext
 from .model import ModelRef
 
 STREAM_VERSION = 1
+# Version 2 of the clean layer records adds each sub-layer's output (``attn_out``, ``mlp_out``).
+CLEAN_VERSION = 2
 HIDDEN = "hidden"
+
+
+def sublayer_output(name: str) -> str:
+    """Array name of a sub-layer's output Y in a clean layer record."""
+    return f"{name}_out"
 
 
 def data_identity(data_dir: str | None) -> str:
@@ -50,12 +57,12 @@ def embed_key(ctx: StageContext, model: ModelRef, calibration_key: str) -> str:
 
 
 def clean_key(ctx: StageContext, model: ModelRef, index: int, input_key: str) -> str:
-    return hidden_key(ctx, "clean_layer", model=model.key, layer=index, prev=input_key)
+    return hidden_key(ctx, "clean_layer", model=model.key, layer=index, prev=input_key, version=CLEAN_VERSION)
 
 
-def hidden_key(ctx: StageContext, stage: str, **inputs) -> str:
+def hidden_key(ctx: StageContext, stage: str, version: int = STREAM_VERSION, **inputs) -> str:
     # The dtype of the stored stream is part of its identity (bf16 on a GPU, fp32 on the CPU).
-    return stage_key(stage, STREAM_VERSION, dtype=str(ctx.runtime.dtype), **inputs)
+    return stage_key(stage, version, dtype=str(ctx.runtime.dtype), **inputs)
 
 
 @task(name="embed", cache_policy=NONE)
@@ -84,7 +91,9 @@ def clean_layer_stage(ctx: StageContext, model: ModelRef, index: int, input_key:
         contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
         with ctx.store.writer(key, kind="clean_state", attrs={"layer": index}) as w:
             h_out = WriterArray(w, HIDDEN, h_in.shape, rt.dtype, rt.micro_batch, point=f"clean-layer:{index}:mid")
-            forward_layer(checkpoint, index, h_in, h_out, contexts, device=rt.device, dtype=rt.dtype,
-                          micro_batch=rt.micro_batch)
+            sub_out = {sub.name: WriterArray(w, sublayer_output(sub.name), h_in.shape, rt.dtype, rt.micro_batch)
+                       for sub in checkpoint.adapter.sublayers}
+            clean_layer_forward(checkpoint, index, h_in, h_out, sub_out, contexts, device=rt.device, dtype=rt.dtype,
+                                micro_batch=rt.micro_batch)
 
     return ctx.cached("clean-layer", key, compute)

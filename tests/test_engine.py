@@ -115,3 +115,23 @@ def test_methods_reduce_output_error_of_a_layer_in_order():
         assert len(r.divergence) == 2 and all(d["mse"] > 0 and d["mse_normalized"] > 0 for d in r.divergence)
     assert drift["gptq"] < drift["rtn"]
     assert drift["loaq"] < drift["gptq"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_clean_layer_forward_is_bit_identical_and_records_sublayer_outputs(family):
+    """The clean stream with its sub-layer outputs is the transformers layer's output, bit for bit."""
+    from loaq.engine.arrays import MemoryArray
+    from loaq.engine.forward import clean_layer_forward, embed, forward_layer
+    from loaq.models.layers import ContextFactory
+
+    model = tiny_model(family)
+    source = ModelWeights(model)
+    h = MemoryArray(embed(source, tokens_for(model)))
+    contexts = ContextFactory(source.adapter, source.config, "cpu")
+    plain, out = MemoryArray(shape=h.shape), MemoryArray(shape=h.shape)
+    subs = {sub.name: MemoryArray(shape=h.shape) for sub in source.adapter.sublayers}
+    forward_layer(source, 1, h, plain, contexts, micro_batch=2)
+    clean_layer_forward(source, 1, h, out, subs, contexts, micro_batch=2)
+    assert torch.equal(out.tensor, plain.tensor)
+    assert torch.equal(h.tensor + subs["attn"].tensor + subs["mlp"].tensor, out.tensor)
+    assert subs["attn"].tensor.abs().max() > 0 and subs["mlp"].tensor.abs().max() > 0

@@ -14,6 +14,7 @@ from loaq.quant import (
     HessianDampingError,
     InputStats,
     OutputStats,
+    ProjectedOutputStats,
     QuantSpec,
     TargetSpec,
     damp_hessian,
@@ -24,6 +25,7 @@ from loaq.quant import (
     loaq_target,
     quantize_codes,
     rtn,
+    shifted_target,
 )
 
 torch.set_num_threads(1)
@@ -364,6 +366,34 @@ def test_w_out_normalized_target_is_least_squares_minimiser():
     # and it really lowers the normalized sub-layer output error vs. keeping W
     residual = lambda V: torch.linalg.norm(sq[:, None] * (hq + Xq @ V.T) - s[:, None] * (h + X @ W.T))
     assert residual(target) < 0.95 * residual(W)
+
+
+@pytest.mark.parametrize("normalized", [False, True])
+def test_projected_output_stats_equal_c_w_and_b_terms(normalized):
+    """The engine's W_out statistics need only Y = XWᵀ + b from the clean stream: their R equals
+    α·C·Wᵀ + β·B of the full OutputStats, and the target is the same."""
+    n_in, n_out, alpha, beta = 48, 32, 0.6, 0.3
+    X, Xq, h, hq = two_streams(384, n_in, n_out)
+    W = torch.randn(n_out, n_in, dtype=torch.float64)
+    bias = torch.randn(n_out, dtype=torch.float64)
+    Y, Yq = X @ W.T + bias, Xq @ W.T + bias
+    s, sq = (rms_factor(h + Y), rms_factor(hq + Yq)) if normalized else (None, None)
+    full = OutputStats(n_in, n_out, compute_dtype=torch.float64)
+    projected = ProjectedOutputStats(n_in, n_out, compute_dtype=torch.float64)
+    for a in range(0, 384, 96):
+        b = a + 96
+        pick = lambda t: None if t is None else t[a:b]
+        full.add(X[a:b], Xq[a:b], h[a:b] + bias, hq[a:b] + bias, pick(s), pick(sq))
+        ones = torch.ones(b - a, 1, dtype=torch.float64)
+        s_b = ones if s is None else s[a:b, None]
+        sq_b = ones if sq is None else sq[a:b, None]
+        D = s_b * (alpha * (Y[a:b] - bias) + beta * (h[a:b] + bias)) - sq_b * (alpha * (Yq[a:b] - bias) + beta * (hq[a:b] + bias))
+        projected.add(Xq[a:b], D, pick(sq))
+    torch.testing.assert_close(projected.H, full.H, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(projected.R, alpha * full.C @ W.T + beta * full.B, rtol=1e-10, atol=1e-9)
+    hessian = damp_hessian(full.H, percdamp=0.01)
+    torch.testing.assert_close(shifted_target(W, hessian, projected.R),
+                               loaq_target(W, hessian, full.C, full.B, alpha, beta), rtol=1e-9, atol=1e-9)
 
 
 def test_zero_coefficients_return_w_exactly():
