@@ -228,9 +228,31 @@ class LayerQuantizer:
         s_hat = rms_factor(hq + yq, self.eps).unsqueeze(-1)
         return self._flat(s * clean_side - s_hat * quant_side), s_hat.reshape(-1)
 
+    def _in_memory(self, arrays: list[SampleArray]) -> list[SampleArray]:
+        """The arrays read once into host memory when together they fit the cache budget (each is
+        read by several passes), else unchanged (read per micro-batch, from the store)."""
+        size = sum(math.prod(a.shape) * self.dtype.itemsize for a in arrays)
+        if size > self.cache_bytes // 2 or all(isinstance(a, MemoryArray) for a in arrays):
+            return arrays
+        out = []
+        for array in arrays:
+            memory = MemoryArray(shape=array.shape, dtype=self.dtype)
+            for start, stop in micro_batches(array.shape[0], self.micro_batch):
+                memory.write(start, self._load(array, start, stop))
+            out.append(memory)
+        return out
+
     def run(self, clean: CleanStream | None, hq_in: SampleArray, hq_out: SampleArray) -> LayerResult:
         """Quantize the layer. ``clean`` (the clean stream through this layer) is needed by the LoaQ
         family and ignored by RTN/GPTQ, which only need the quantized stream."""
+        if clean is not None and self.cfg.needs_clean_stream():
+            names = list(clean.out)
+            h, *outs = self._in_memory([clean.h, *clean.out.values()])
+            clean = CleanStream(h, dict(zip(names, outs)))
+        else:
+            clean = None
+        if self.cfg.method != "rtn":
+            (hq_in,) = self._in_memory([hq_in])
         hq_mid = MemoryArray(shape=hq_in.shape, dtype=self.dtype)
         first, second = self.adapter.sublayers
         self._quantize_sublayer(0, first, clean, hq_in, hq_mid)

@@ -84,8 +84,11 @@ def loaq_target(
         raise ValueError(f"B must be ({n_in}, {n_out}) = (in, out), got {tuple(B.shape)}")
 
     W64 = W.to(device=hessian.H.device, dtype=torch.float64)
-    # One right-hand side (in, out) and one solve: cheaper than forming H⁻¹C when out <= in,
-    # and the B term needs an (in, out) solve anyway.
+    if use_c and not use_b and n_out > n_in:
+        # Wide W_in (q;k;v, gate;up): (H⁻¹C)Wᵀ costs in³ + in²·out against 3·in²·out for H⁻¹(CWᵀ).
+        correction = hessian.solve(C.to(W64)).mul_(float(alpha)) @ W64.T  # (in, out)
+        return (W64 + correction.T).to(device=W.device, dtype=W.dtype)
+    # Otherwise one right-hand side (in, out) and one solve (the B term needs an (in, out) solve anyway).
     rhs = torch.zeros(n_in, n_out, dtype=torch.float64, device=W64.device)
     if use_c:
         rhs.addmm_(C.to(W64), W64.T, alpha=float(alpha))

@@ -474,3 +474,15 @@ def test_damping_past_the_bound_raises():
         damp_hessian(H, percdamp=0.01, max_percdamp=1.0)
     with pytest.raises(ValueError, match="percdamp"):
         damp_hessian(H, percdamp=2.0, max_percdamp=1.0)
+
+
+@pytest.mark.parametrize("n_out", [24, 96])  # narrower and wider than n_in: both solve orders
+def test_w_in_target_equals_the_formula_in_either_solve_order(n_out):
+    n_in = 48
+    X, Xq, _, _ = two_streams(256, n_in, 8)
+    stats = InputStats(n_in, compute_dtype=torch.float64)
+    stats.add(X, Xq)
+    W = torch.randn(n_out, n_in, dtype=torch.float64)
+    hessian = damp_hessian(stats.H, percdamp=0.01)
+    expected = W + (hessian.inverse() @ stats.C @ W.T).T * 0.7
+    torch.testing.assert_close(loaq_target(W, hessian, stats.C, None, 0.7, 0.0), expected, rtol=1e-9, atol=1e-9)
