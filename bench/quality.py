@@ -38,6 +38,9 @@ GRIDS = {
     "core": [("rtn", 3, False), ("gptq", 3, False), ("loaq", 3, False), ("rtn", 4, False), ("gptq", 4, False),
              ("gptq", 4, True), ("loaq", 4, False), ("gptq", 16, False), ("loaq", 16, False)],
     "ablation": [(m, 3, False) for m in ("lloa", "lloa_soa")],
+    # What `bench/run` regenerates: every method at W2, W3, W4, the ablation at W3.
+    "bench": [(m, b, False) for b in (3, 4, 2) for m in ("rtn", "gptq", "loaq")]
+    + [(m, 3, False) for m in ("lloa", "lloa_soa")],
 }
 
 

@@ -86,8 +86,11 @@ def loaq_target(
     W64 = W.to(device=hessian.H.device, dtype=torch.float64)
     if use_c and not use_b and n_out > n_in:
         # Wide W_in (q;k;v, gate;up): (H⁻¹C)Wᵀ costs in³ + in²·out against 3·in²·out for H⁻¹(CWᵀ).
-        correction = hessian.solve(C.to(W64)).mul_(float(alpha)) @ W64.T  # (in, out)
-        return (W64 + correction.T).to(device=W.device, dtype=W.dtype)
+        # The solve is where conditioning matters (float64); the product with W is an ordinary
+        # matmul of well-scaled factors and runs in float32, ~3x faster on a CPU.
+        M = hessian.solve(C.to(W64)).mul_(float(alpha)).to(torch.float32)
+        correction = M @ W.to(device=M.device, dtype=torch.float32).T  # (in, out)
+        return (W64 + correction.T.to(torch.float64)).to(device=W.device, dtype=W.dtype)
     # Otherwise one right-hand side (in, out) and one solve (the B term needs an (in, out) solve anyway).
     rhs = torch.zeros(n_in, n_out, dtype=torch.float64, device=W64.device)
     if use_c:

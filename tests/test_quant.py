@@ -485,4 +485,6 @@ def test_w_in_target_equals_the_formula_in_either_solve_order(n_out):
     W = torch.randn(n_out, n_in, dtype=torch.float64)
     hessian = damp_hessian(stats.H, percdamp=0.01)
     expected = W + (hessian.inverse() @ stats.C @ W.T).T * 0.7
-    torch.testing.assert_close(loaq_target(W, hessian, stats.C, None, 0.7, 0.0), expected, rtol=1e-9, atol=1e-9)
+    # The wide order multiplies by W in float32 (the solve itself stays float64).
+    tol = 1e-9 if n_out <= n_in else 1e-5
+    torch.testing.assert_close(loaq_target(W, hessian, stats.C, None, 0.7, 0.0), expected, rtol=tol, atol=tol)
