@@ -52,6 +52,10 @@ class DampedHessian:
             return torch.cholesky_solve(rhs64[:, None], self.cholesky_lower)[:, 0]
         return torch.cholesky_solve(rhs64, self.cholesky_lower)
 
+    def drop_factor(self) -> None:
+        """Free the Cholesky factor once no more solves are needed (GPTQ only needs H itself)."""
+        self.cholesky_lower = None
+
     def inverse(self) -> torch.Tensor:
         """H⁻¹ (in, in) float64 (not used on hot paths)."""
         eye = torch.eye(self.n_in, dtype=torch.float64, device=self.H.device)
@@ -68,9 +72,14 @@ class DampedHessian:
         cholesky_inverse is ~10x slower than a triangular solve at in = 4096), and no Cholesky
         of the worse-conditioned H⁻¹. Permuting H does not change the damping decided here.
         """
-        order = torch.arange(self.n_in, device=self.H.device) if perm is None else perm.to(self.H.device)
-        reversed_order = order.flip(0)
-        L_rev, info = torch.linalg.cholesky_ex(self.H[reversed_order][:, reversed_order])
+        # Peak memory is held to H + 3 (in x in): the reordered copy is freed once factored.
+        if perm is None:
+            H_rev = self.H.flip((0, 1))
+        else:
+            reversed_order = perm.to(self.H.device).flip(0)
+            H_rev = self.H[reversed_order[:, None], reversed_order]
+        L_rev, info = torch.linalg.cholesky_ex(H_rev)
+        del H_rev
         if int(info) != 0:
             raise HessianDampingError(
                 f"Cholesky of the reordered H failed at pivot {int(info)} although H itself factored "
@@ -78,7 +87,21 @@ class DampedHessian:
             )
         eye = torch.eye(self.n_in, dtype=torch.float64, device=self.H.device)
         L_rev_inv = torch.linalg.solve_triangular(L_rev, eye, upper=False)  # lower
+        del L_rev, eye
         return L_rev_inv.flip((0, 1))  # J L'⁻¹ J: upper
+
+
+def _symmetrize_(H: torch.Tensor, block: int = 1024) -> None:
+    """H <- (H + Hᵀ)/2 in place, by blocks of rows, so the temporaries are (block x in) only."""
+    n = H.shape[0]
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        # rows [start, stop) against columns [0, stop): the mirrored pairs not yet averaged
+        lower = H[start:stop, :stop]
+        upper = H[:stop, start:stop].T
+        mean = (lower + upper) / 2
+        H[start:stop, :stop] = mean
+        H[:stop, start:stop] = mean.T
 
 
 def damp_hessian(
@@ -86,12 +109,15 @@ def damp_hessian(
     percdamp: float = 0.01,
     max_percdamp: float = 1.0,
     escalation_factor: float = 10.0,
+    overwrite: bool = False,
 ) -> DampedHessian:
     """Repair dead inputs and add λ = percdamp · mean(diag H) to the diagonal, in float64.
 
     If the damped H is not positive definite (Cholesky fails), percdamp is multiplied by
     ``escalation_factor`` (the last try is ``max_percdamp`` itself) with a warning naming the value
-    finally used; past ``max_percdamp`` a HessianDampingError is raised. The input is not modified.
+    finally used; past ``max_percdamp`` a HessianDampingError is raised. The input is not modified,
+    unless ``overwrite`` and it is float64: then it becomes the damped H (for an accumulator that
+    is not needed afterwards; it saves the largest allocation of a layer).
     """
     if H.dim() != 2 or H.shape[0] != H.shape[1]:
         raise ValueError(f"H must be square (in, in), got shape {tuple(H.shape)}")
@@ -99,11 +125,14 @@ def damp_hessian(
         raise ValueError(f"need 0 <= percdamp <= max_percdamp, got percdamp={percdamp}, max_percdamp={max_percdamp}")
     if not escalation_factor > 1.0:
         raise ValueError(f"escalation_factor must be > 1, got {escalation_factor}")
-    H64 = H.to(torch.float64).clone()
+    # Cholesky reads one triangle only; symmetrising makes solve() and the stored H agree.
+    if overwrite and H.dtype == torch.float64:
+        H64 = H  # the caller's accumulator becomes the damped H: no in x in copy (70B down_proj: 6.6 GB)
+    else:
+        H64 = H.to(torch.float64, copy=True)
+    _symmetrize_(H64)
     if not torch.isfinite(H64).all():
         raise ValueError("H contains NaN or inf")
-    # Cholesky reads one triangle only; symmetrising makes solve() and the stored H agree.
-    H64 = (H64 + H64.T) / 2
     diag = H64.diagonal()
     dead = diag == 0
     # A zero diagonal means the input was exactly 0 on every calibration token: its weights do
@@ -112,17 +141,20 @@ def damp_hessian(
     mean_diag = float(diag.mean())
     if not mean_diag > 0.0:
         raise ValueError(f"mean of diag(H) is {mean_diag:g}; H is not a Gram matrix X̂ᵀX̂")
-
     requested = percdamp
     attempt = percdamp
     escalations = 0
+    lam = 0.0
     while True:
-        lam = attempt * mean_diag
-        H_damped = H64.clone()
-        H_damped.diagonal().add_(lam)
-        L, info = torch.linalg.cholesky_ex(H_damped)
+        # Damping is applied in place (no second in x in copy): the diagonal moves from the
+        # previous attempt's lambda to this one's.
+        new_lam = attempt * mean_diag
+        diag.add_(new_lam - lam)
+        lam = new_lam
+        L, info = torch.linalg.cholesky_ex(H64)
         if int(info) == 0:
             break
+        del L
         if attempt >= max_percdamp:
             raise HessianDampingError(
                 f"H is not positive definite even with percdamp={attempt:g} (λ={lam:g}); "
@@ -131,6 +163,7 @@ def damp_hessian(
         next_attempt = attempt * escalation_factor if attempt > 0 else _FIRST_NONZERO_PERCDAMP
         attempt = min(next_attempt, max_percdamp)
         escalations += 1
+    H_damped = H64
     if escalations:
         warnings.warn(
             f"Cholesky of the damped Hessian failed at percdamp={requested:g}; "
