@@ -250,3 +250,8 @@ def test_killed_export_leaves_no_finished_checkpoint(rtn_store):
     assert not partial[0].exists() and json.loads((folder / "config.json").read_text())["dtype"] == "float16"
     with safe_open(tensor_file(folder, "model.layers.0.mlp.down_proj.weight"), framework="pt") as f:
         assert f.get_tensor("model.layers.0.mlp.down_proj.weight").dtype == torch.float16
+
+
+def test_presets_export_nothing():
+    for preset in ("default", "paper"):
+        assert load_config(preset).export.formats == ()
