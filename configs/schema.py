@@ -117,6 +117,27 @@ class StoreConfig(Strict):
     keep_stats: bool = False
 
 
+ExportFormat = Literal["fake_quant", "compressed_tensors"]
+
+
+class ExportConfig(Strict):
+    """Checkpoints written after quantization (none by default); ``loaq export`` writes them on demand.
+
+    ``fake_quant``: dequantized weights, a plain Hugging Face checkpoint. ``compressed_tensors``:
+    packed integer codes, scales and zero points (``pack-quantized``), loaded by transformers and vLLM.
+    """
+
+    formats: tuple[ExportFormat, ...] = ()
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the exported weights and scales; auto = the source checkpoint's")
+    dir: str | None = Field(None, description="folder of exported checkpoints; null = exports/ next to the store")
+
+    @field_validator("formats")
+    @classmethod
+    def _formats(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(v))
+
+
 class RunConfig(Strict):
     name: str = "default"
     model: ModelConfig = ModelConfig()
@@ -126,4 +147,5 @@ class RunConfig(Strict):
     evaluation: EvaluationConfig = EvaluationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     store: StoreConfig = StoreConfig()
+    export: ExportConfig = ExportConfig()
     report_dir: str = "runs"

@@ -2,7 +2,7 @@
 
     model -> calibration sample -> embeddings (h = h_hat)
     for each decoder layer l:  clean stream (h) ; quantize W_in, W_out and advance h_hat
-    evaluate (FP and quantized) -> report
+    evaluate (FP and quantized) -> report -> export (the formats configured, if any)
 
 Every stage is a Prefect task that receives store keys and returns store keys (never tensors, so
 Prefect pickles nothing large). Caching is the store's: a task whose record is complete under its
@@ -21,6 +21,7 @@ from prefect import flow, get_run_logger
 
 from loaq.configs.schema import RunConfig
 from loaq.flows.plan import baseline_chains
+from loaq.flows.export import check_formats, export_models
 from loaq.stages.context import Runtime, StageContext
 from loaq.stages.evaluate import perplexity_key, perplexity_stage, zero_shot_key, zero_shot_stage
 from loaq.stages.model import prepare_model
@@ -93,6 +94,7 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     log = get_run_logger()
     model = prepare_model(config.model, ctx.model_cache)
     log.info("model %s: %s, %d layers (key %s)", config.model.source, model.family, model.num_layers, model.key[:12])
+    check_formats(config, model, config.export.formats)  # an unexportable scheme fails before any work
     # A stage whose records are complete is not started at all (no task run): reruns stay cheap.
     calibration = calibration_key(model, config.calibration, config.data_dir)
     if not ctx.reuse("calibration", calibration):
@@ -141,4 +143,6 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
             zero_shot[which] = key
     report = report_stage(ctx, config, model, chain, evals, zero_shot,
                           baseline_chains(embedding, config.quantize, model.num_layers))
-    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "zero_shot": zero_shot, "report": report}
+    exports = export_models(ctx, config, model, chain, config.export.formats)
+    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "zero_shot": zero_shot, "report": report,
+            "exports": exports}

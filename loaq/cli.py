@@ -1,4 +1,4 @@
-"""The ``loaq`` command: run, sweep, status, gc, report.
+"""The ``loaq`` command: run, sweep, status, gc, report, export.
 
     loaq run [CONFIG] [--set a.b=value ...]   quantize + evaluate + report (resumes / reuses)
     loaq sweep CONFIG [--methods gptq loaq] [--bits 3 4] [--alpha 0.3 0.5] [--beta 0.1 0.25]
@@ -6,6 +6,7 @@
     loaq status [CONFIG]                      per-stage, per-layer state of a run, with sizes
     loaq gc [CONFIG]                          apply the retention policy to the store
     loaq report [CONFIG] [sweep options]      rebuild report.md/json/plots from the store alone
+    loaq export [CONFIG] [--format F ...]     write the quantized run as Hugging Face checkpoints
 
 CONFIG is a YAML file or a preset name from the package's configs/ (default, paper).
 """
@@ -64,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     gc.add_argument("--drop-stats", action="store_true", help="also drop Hessian/statistics records")
     sweep_axes(with_config("report", "rebuild the run's report (or, given sweep options, the sweep's) from the "
                                      "store alone"))
+    export = with_config("export", "write an already-quantized run as Hugging Face checkpoints")
+    export.add_argument("--format", dest="formats", action="append", default=[],
+                        choices=["fake_quant", "compressed_tensors"],
+                        help="checkpoint format (repeatable; default: export.formats of the config, else both)")
     return p
 
 

@@ -17,6 +17,8 @@ def _print_result(config: RunConfig, result: dict) -> None:
         res = store.open(key).attrs["zero_shot"]
         print(f"zero-shot {which}: " + ", ".join(f"{t} {r['acc']:.4f}" for t, r in res.items() if t != "skipped"))
     print(f"report: {result['report']}/report.md")
+    for fmt, path in result.get("exports", {}).items():
+        print(f"export {fmt}: {path}")
     print(f"run id: {result['run_id']}")
 
 
@@ -83,4 +85,16 @@ def report(config: RunConfig, args) -> int:
     return 0
 
 
-__all__ = ["run", "sweep", "status", "gc", "report"]
+def export(config: RunConfig, args) -> int:
+    from loaq.flows.export import export_flow
+
+    result = export_flow(config, args.formats)
+    for fmt, path in result["exports"].items():
+        a = result["attrs"][fmt]
+        print(f"export {fmt} ({a['dtype']}, W{a['bits']}): {path}   quantized linears "
+              f"{a['linear_bytes'] / 2**20:.1f} MiB = {a['linear_ratio_fp16']:.4f} x their fp16 bytes")
+    print(f"run id: {result['run_id']}")
+    return 0
+
+
+__all__ = ["run", "sweep", "status", "gc", "report", "export"]

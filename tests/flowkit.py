@@ -14,12 +14,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_checkpoint(path: Path, family: str = "llama", layers: int = 3) -> Path:
+def make_checkpoint(path: Path, family: str = "llama", layers: int = 3, hidden: int = 64) -> Path:
     from conftest import tiny_model
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    model = tiny_model(family, layers=layers, hidden=64, vocab=512)
+    model = tiny_model(family, layers=layers, hidden=hidden, vocab=512)
     model.save_pretrained(path)
     # A small word-level tokenizer over printable text, so calibration and evaluation run on real data.
     vocab = {f"<{i}>": i for i in range(4)}

@@ -1,0 +1,160 @@
+"""Stage: export the quantized model as a Hugging Face checkpoint, cached by the model it exports.
+
+The quantized model is identified by its last chain key (which determines every layer's weights
+and, through the chain's root, the source model), so an export is keyed by that key, the format
+and the dtype: exporting the same quantized model again computes nothing. The checkpoint is a
+folder ``<root>/<format>-<key>`` outside the store's records (it must be a plain directory that
+transformers and vLLM open); the store holds a small ``export`` record that names it, with its
+sizes. The folder is written under a temporary name and renamed when complete, and the record is
+written after the rename: a complete record whose folder is missing (deleted) is recomputed.
+
+Export streams like evaluation does: the non-layer tensors (embeddings, final norm, head) from the
+source checkpoint one tensor per shard, then one shard per decoder layer (the source layer's
+tensors with its quantized linears replaced by the stored ones), so memory depends on one layer.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from prefect import task
+from prefect.cache_policies import NONE
+
+from loaq.configs.load import ConfigError
+from loaq.configs.schema import QuantizeConfig
+from loaq.models.export import (DTYPES, CheckpointWriter, UnpackableScheme, cast, checkpoint_dtype, is_complete,
+                                pack_linear, packed_nbytes, packed_quantization_config, packed_scheme)
+from loaq.store.keys import stage_key
+
+from .context import StageContext, failpoint
+from .model import ModelRef
+from .quantize import read_weights, weights_key
+
+EXPORT_VERSION = 1
+FAKE_QUANT, PACKED = "fake_quant", "compressed_tensors"
+FORMATS = (FAKE_QUANT, PACKED)
+
+
+def export_dtype(model: ModelRef, requested: str) -> str:
+    """The dtype name an export is written in: ``requested``, or the source checkpoint's for ``auto``."""
+    if requested != "auto":
+        return requested
+    return checkpoint_dtype(json.loads((Path(model.path) / "config.json").read_text()))
+
+
+def export_key(quantized: str, fmt: str, dtype: str) -> str:
+    inputs = {"quantized": quantized, "format": fmt, "dtype": dtype}
+    if fmt == PACKED:  # the packed layout is the library's: its version is part of the output
+        inputs["packer"] = version("compressed-tensors")
+    return stage_key("export", EXPORT_VERSION, **inputs)
+
+
+def export_path(root: str | Path, fmt: str, key: str) -> Path:
+    return Path(root).expanduser().resolve() / f"{fmt}-{key}"
+
+
+def is_exported(ctx: StageContext, key: str, path: Path) -> bool:
+    return ctx.store.is_complete(key) and is_complete(path, key)
+
+
+def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None) -> None:
+    """Fail early, in one line naming the field and the fix, for a scheme ``fmt`` cannot hold."""
+    if fmt not in FORMATS:
+        raise ConfigError(f"export format {fmt!r} is not known; choose from {', '.join(FORMATS)}")
+    if fmt != PACKED:
+        return
+    if cfg.bits == 16:
+        raise ConfigError("quantize.bits=16 leaves the weights unquantized, so there is nothing to pack in "
+                          f"{PACKED}; export it as {FAKE_QUANT}, or choose quantize.bits between 2 and 8")
+    if cfg.act_order and cfg.group_size and not cfg.static_groups:
+        raise ConfigError(f"quantize.act_order with quantize.static_groups=false gives every column its own "
+                          f"group order (g_idx), which {PACKED} no longer expresses; set quantize.static_groups=true, "
+                          f"or export as {FAKE_QUANT}")
+    if cfg.group_size and model_config is not None:
+        heads = int(model_config.num_attention_heads)
+        head_dim = getattr(model_config, "head_dim", None) or int(model_config.hidden_size) // heads
+        widths = {int(model_config.hidden_size), int(model_config.intermediate_size), heads * int(head_dim)}
+        bad = sorted(w for w in widths if w % cfg.group_size)
+        if bad:
+            raise ConfigError(f"quantize.group_size={cfg.group_size} does not divide the linear input width(s) "
+                              f"{', '.join(map(str, bad))}; {PACKED} needs whole groups: choose a divisor or "
+                              f"export as {FAKE_QUANT}")
+
+
+def _layer_pattern(layer_prefix: str) -> re.Pattern:
+    head, tail = layer_prefix.split("{index}")
+    return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
+
+
+@task(name="export", cache_policy=NONE)
+def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str, dtype: str, root: str) -> str:
+    """Write the ``fmt`` checkpoint of the quantized model ``chain`` under ``root``; returns its key."""
+    key = export_key(chain[-1], fmt, dtype)
+    path = export_path(root, fmt, key)
+    if is_exported(ctx, key, path):
+        ctx.store.log_event(ctx.run_id, "export", key, "reused")
+        return key
+    started = time.perf_counter()
+    failpoint("export:before")
+    torch_dtype = DTYPES[dtype]
+    checkpoint = model.open()
+    adapter = checkpoint.adapter
+    layer_names = _layer_pattern(adapter.layer_prefix)
+    others = [n for n in checkpoint.weight_map if not layer_names.match(n)]
+    records = [ctx.store.open(weights_key(k)) for k in chain]
+    bits, group_size, symmetric = (records[0].attrs[a] for a in ("bits", "group_size", "symmetric"))
+    if any((r.attrs["bits"], r.attrs["group_size"], r.attrs["symmetric"]) != (bits, group_size, symmetric)
+           for r in records):
+        raise ConfigError("the layers of this quantized model use different grids; it cannot be exported as one scheme")
+    scheme = packed_scheme(bits, group_size, symmetric) if fmt == PACKED else None
+    sizes = {"linear_bytes": 0, "linear_fp16_bytes": 0}
+
+    with CheckpointWriter(path, len(others) + len(chain)) as writer:
+        for name in others:  # one tensor per shard: a 128k-vocabulary embedding alone is gigabytes
+            writer.shard(cast({name: checkpoint.tensor(name)}, torch_dtype))
+        for index, record in enumerate(records):
+            prefix = adapter.layer_prefix.format(index=index)
+            state = checkpoint.layer_state(index)
+            linears = record.attrs["linears"]
+            if fmt == PACKED and set(linears) != set(adapter.linear_names()):
+                raise ConfigError(f"layer {index} quantized {sorted(linears)}, not every linear; "
+                                  f"{PACKED} describes all decoder linears with one scheme")
+            for name, q in read_weights(record, linears).items():
+                out_features, in_features = q.weight.shape
+                sizes["linear_fp16_bytes"] += 2 * out_features * in_features
+                del state[f"{name}.weight"]
+                if fmt == PACKED:
+                    try:
+                        packed = pack_linear(q, symmetric, torch_dtype, scheme)
+                    except UnpackableScheme as e:
+                        raise ConfigError(f"layer {index} {name}: {e}; {PACKED} cannot hold it, "
+                                          f"export as {FAKE_QUANT}") from None
+                    state.update({f"{name}.{k}": v for k, v in packed.items()})
+                    sizes["linear_bytes"] += packed_nbytes(packed)
+                else:
+                    state[f"{name}.weight"] = q.weight
+                    sizes["linear_bytes"] += out_features * in_features * torch_dtype.itemsize
+            writer.shard(cast({prefix + k: v for k, v in state.items()}, torch_dtype))
+            failpoint(f"export:{index}:after")
+        config_json = json.loads((checkpoint.path / "config.json").read_text())
+        config_json.pop("_name_or_path", None)
+        config_json["dtype"] = dtype
+        if "torch_dtype" in config_json:
+            config_json["torch_dtype"] = dtype
+        attrs = {"format": fmt, "dtype": dtype, "quantized": chain[-1], "model": model.key, "layers": len(chain),
+                 "bits": bits, "group_size": group_size, "symmetric": symmetric, **sizes,
+                 "linear_ratio_fp16": sizes["linear_bytes"] / max(sizes["linear_fp16_bytes"], 1),
+                 "total_bytes": sum(writer.shard_bytes), "shards": writer.n_shards}
+        writer.finish(checkpoint.path, config_json, {"key": key, **attrs},
+                      packed_quantization_config(bits, group_size, symmetric) if fmt == PACKED else None)
+
+    with ctx.store.writer(key, kind="export", attrs={**attrs, "path": str(path)}, overwrite=True) as w:
+        w.put("shard_bytes", torch.tensor(writer.shard_bytes, dtype=torch.int64))
+    ctx.store.log_event(ctx.run_id, "export", key, "computed", seconds=time.perf_counter() - started,
+                        nbytes=attrs["total_bytes"])
+    return key
