@@ -31,7 +31,8 @@ from torch import nn
 from loaq.configs.schema import QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
 from loaq.models.layers import ContextFactory, build_layer, rms_factor, set_submodule, submodule
-from loaq.quant import InputStats, OutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptq, loaq_target, rtn
+from loaq.quant import (InputStats, OutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptaq, gptq, loaq_target,
+                        qronos, rtn)
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 
@@ -55,13 +56,19 @@ def quant_spec(cfg: QuantizeConfig) -> QuantSpec:
 
 
 def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float) -> tuple[QuantizedWeight, dict]:
-    """Quantize W (out, in) against its statistics: LoaQ target, then GPTQ with the same damped H."""
+    """Quantize W (out, in) against its statistics: LoaQ target, then GPTQ with the same damped H
+    (GPTAQ and Qronos: their own solvers on the same damped H and C)."""
     spec = quant_spec(cfg)
     if cfg.method == "rtn":
         return rtn(W, spec), {}
     hessian = damp_hessian(stats.H, cfg.percdamp)
-    target = loaq_target(W, hessian, stats.C, stats.B, alpha, beta)
-    result = gptq(target, hessian, spec, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
+    options = dict(block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
+    if cfg.method == "gptaq":
+        result = gptaq(W, hessian, stats.C, spec, alpha=cfg.gptaq_alpha, **options)
+    elif cfg.method == "qronos":
+        result = qronos(W, hessian, stats.C, spec, **options)
+    else:
+        result = gptq(loaq_target(W, hessian, stats.C, stats.B, alpha, beta), hessian, spec, **options)
     info = {"loss": float(result.loss), "percdamp": float(result.percdamp), "lambda": float(result.lam),
             "tokens": int(stats.n_tokens)}
     return result.qweight, info
@@ -188,10 +195,27 @@ class LayerQuantizer:
                 h_b = self._load(h, start, stop)
                 h_next.write(start, h_b + F.linear(self._inner(self.clean, sub, h_b), linear.weight, bias))
 
+    def _clean_forward(self, h_in: SampleArray, h_out: SampleArray) -> None:
+        """h_out = the full-precision layer applied to h_in."""
+        for start, stop in micro_batches(h_in.shape[0], self.micro_batch):
+            h = self._load(h_in, start, stop)
+            for sub in self.adapter.sublayers:
+                linear = self.w_out[sub.name]
+                h = h + F.linear(self._inner(self.clean, sub, h), linear.weight, linear.bias)
+            h_out.write(start, h)
+
     def run(self, h_in: SampleArray | None, hq_in: SampleArray, h_out: SampleArray | None,
             hq_out: SampleArray) -> LayerResult:
         """Quantize the layer. ``h_in``/``h_out`` (clean stream) may be None for RTN/GPTQ, which
-        only need the quantized stream; given, the clean stream is propagated too."""
+        only need the quantized stream; given, the clean stream is propagated too.
+
+        With ``cfg.resets_clean_stream()`` (Qronos) the statistics see a clean stream restarted from
+        the quantized one, h = h_hat at the layer input, so C holds only this layer's own error;
+        h_out is still the full-precision stream."""
+        if h_in is not None and self.cfg.resets_clean_stream():
+            if h_out is not None:
+                self._clean_forward(h_in, h_out)
+            h_in, h_out = hq_in, None
         first, second = self.adapter.sublayers
         hq_mid = MemoryArray(shape=hq_in.shape, dtype=self.dtype)
         h_mid = MemoryArray(shape=h_in.shape, dtype=self.dtype) if h_in is not None else None
