@@ -11,19 +11,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Method = Literal["rtn", "gptq", "lloa", "lloa_soa", "loaq"]
+Method = Literal["rtn", "gptq", "lloa", "lloa_soa", "loaq", "gptaq", "qronos"]
 
 # Which terms of the LoaQ target each method switches on (paper Sec. 3, ablation Table 5).
 #   lloa:  W_in and W_out target (I + alpha H^-1 C) W                      (linear-layer output)
 #   soa:   W_out target adds beta * Delta                                  (sub-layer output, residual)
 #   noa:   W_out statistics weighted per token by s, s_hat of the next norm (normalised sub-layer output)
+# GPTAQ and Qronos use none of these terms: they correct the input mismatch C in their own solvers
+# (quant/gptaq.py, quant/qronos.py), so they need the clean stream too (MISMATCH_METHODS).
 METHOD_TERMS: dict[str, tuple[bool, bool, bool]] = {
     "rtn": (False, False, False),
     "gptq": (False, False, False),
     "lloa": (True, False, False),
     "lloa_soa": (True, True, False),
     "loaq": (True, True, True),
+    "gptaq": (False, False, False),
+    "qronos": (False, False, False),
 }
+MISMATCH_METHODS = frozenset({"gptaq", "qronos"})
 
 
 class Strict(BaseModel):
@@ -45,6 +50,10 @@ class QuantizeConfig(Strict):
     alpha_in: float = Field(0.5, ge=0, le=1, description="LLOA strength for W_in (q,k,v / gate,up)")
     alpha_out: float = Field(0.5, ge=0, le=1, description="LLOA strength for W_out (o / down)")
     beta: float = Field(0.25, ge=0, le=1, description="SOA/NOA strength (W_out only)")
+    gptaq_alpha: float = Field(0.25, ge=0, le=1, description="GPTAQ: weight of its asymmetric (clean-output) term")
+    clean_stream_reset: bool | None = Field(
+        None, description="restart the clean stream from the quantized one at every decoder layer, so only the "
+        "layer's own error is corrected; null = the method's own choice (qronos: true, others: false)")
 
     @field_validator("bits")
     @classmethod
@@ -71,8 +80,15 @@ class QuantizeConfig(Strict):
         return (self.alpha_in if lloa else 0.0, self.alpha_out if lloa else 0.0, self.beta if soa else 0.0)
 
     def needs_clean_stream(self) -> bool:
-        """GPTQ and RTN only need the quantized stream's inputs; the LoaQ family also needs the clean one."""
-        return any(self.terms)
+        """GPTQ and RTN only need the quantized stream's inputs; the LoaQ family, GPTAQ and Qronos also
+        need the clean one."""
+        return any(self.terms) or self.method in MISMATCH_METHODS
+
+    def resets_clean_stream(self) -> bool:
+        """Whether the clean stream restarts from the quantized one at each decoder layer (Qronos)."""
+        if not self.needs_clean_stream():
+            return False
+        return self.method == "qronos" if self.clean_stream_reset is None else self.clean_stream_reset
 
 
 class ModelConfig(Strict):

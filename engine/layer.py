@@ -35,11 +35,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loaq.configs.schema import QuantizeConfig
+from loaq.configs.schema import MISMATCH_METHODS, QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
 from loaq.models.layers import ContextFactory, build_layer, call_sublayer, rms_factor, set_submodule, submodule
-from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptq, loaq_target,
-                        rtn, shifted_target)
+from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptaq, gptq,
+                        loaq_target, qronos, rtn, shifted_target)
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 from .metrics import PhaseTimes
@@ -75,19 +75,26 @@ def quant_spec(cfg: QuantizeConfig) -> QuantSpec:
 
 
 def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float) -> tuple[QuantizedWeight, dict]:
-    """Quantize W (out, in) against its statistics: LoaQ target, then GPTQ with the same damped H."""
+    """Quantize W (out, in) against its statistics: LoaQ target, then GPTQ with the same damped H
+    (GPTAQ and Qronos: their own solvers on the same damped H and C)."""
     spec = quant_spec(cfg)
     if cfg.method == "rtn":
         return rtn(W, spec), {}
     # The accumulator is not needed after this: it becomes the damped H in place (memory: the
     # largest tensor of a layer, 6.6 GB in float64 for a 70B down_proj).
     hessian = damp_hessian(stats.H, cfg.percdamp, overwrite=True)
-    if isinstance(stats, ProjectedOutputStats):
-        target = shifted_target(W, hessian, stats.R)  # alpha, beta are already in R
+    options = dict(block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
+    if cfg.method == "gptaq":  # GPTAQ and Qronos correct the mismatch C in their own solvers
+        result = gptaq(W, hessian, stats.C, spec, alpha=cfg.gptaq_alpha, **options)
+    elif cfg.method == "qronos":
+        result = qronos(W, hessian, stats.C, spec, **options)
     else:
-        target = loaq_target(W, hessian, stats.C, stats.B, alpha, beta)
-    hessian.drop_factor()  # GPTQ refactors H in its column order
-    result = gptq(target, hessian, spec, block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
+        if isinstance(stats, ProjectedOutputStats):
+            target = shifted_target(W, hessian, stats.R)  # alpha, beta are already in R
+        else:
+            target = loaq_target(W, hessian, stats.C, stats.B, alpha, beta)
+        hessian.drop_factor()  # GPTQ refactors H in its column order
+        result = gptq(target, hessian, spec, **options)
     info = {"loss": float(result.loss), "percdamp": float(result.percdamp), "lambda": float(result.lam),
             "tokens": int(stats.n_tokens)}
     return result.qweight, info
@@ -112,6 +119,13 @@ class LayerQuantizer:
             set_submodule(self.quant, sub.w_out, nn.Identity())
         self.result = LayerResult()
         self.timer = PhaseTimes(device)
+        # GPTAQ and Qronos need C = X_hat^T (X - X_hat) of W_out itself, so the clean X (W_out's
+        # input in the full-precision layer) is recomputed for them; the LoaQ family needs only Y.
+        self.fp = None
+        if cfg.method in MISMATCH_METHODS:
+            self.fp = build_layer(adapter, config, index, state, dtype, device)
+            for sub in adapter.sublayers:
+                set_submodule(self.fp, sub.w_out, nn.Identity())
 
     # -- the sub-layer pieces -------------------------------------------------------------------
     def _inner(self, sub: SubLayer, hq: torch.Tensor) -> torch.Tensor:
@@ -181,7 +195,7 @@ class LayerQuantizer:
         linear = self.w_out[sub.name]
         W_out, bias = linear.weight, linear.bias
         n_out, n_in = W_out.shape
-        stats = ProjectedOutputStats(n_in, n_out) if use_clean else InputStats(n_in)
+        stats = ProjectedOutputStats(n_in, n_out) if use_clean and self.fp is None else InputStats(n_in)
         # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
         # instead of running the sub-layer module a second time.
         inner_shape = (n, *hq.shape[1:-1], n_in)
@@ -199,6 +213,12 @@ class LayerQuantizer:
                         stats.add(self._flat(xq), self._flat(xq))
                     continue
                 h_b = self._clean_input(clean, position, start, stop)
+                if self.fp is not None:
+                    with timer("clean_forward"):
+                        x = call_sublayer(self.fp, sub, h_b, self.contexts, self.index)
+                    with timer("stats"):
+                        stats.add(self._flat(x), self._flat(xq))
+                    continue
                 y = self._load(clean.out[sub.name], start, stop)
                 with timer("stats"):
                     D, s_hat = self._output_difference(h_b, y, hq_b, F.linear(xq, W_out, bias), bias,
@@ -245,10 +265,28 @@ class LayerQuantizer:
             out.append(memory)
         return out
 
+    @torch.no_grad()
+    def _fp_stream(self, h_in: SampleArray) -> CleanStream:
+        """The full-precision layer's stream (its sub-layer outputs) on input ``h_in``, in memory."""
+        out = {sub.name: MemoryArray(shape=h_in.shape, dtype=self.dtype) for sub in self.adapter.sublayers}
+        for start, stop in micro_batches(h_in.shape[0], self.micro_batch):
+            h = self._load(h_in, start, stop)
+            for sub in self.adapter.sublayers:
+                linear = self.w_out[sub.name]
+                with self.timer("clean_forward"):
+                    y = F.linear(call_sublayer(self.fp, sub, h, self.contexts, self.index), linear.weight, linear.bias)
+                out[sub.name].write(start, y)
+                h = h + y
+        return CleanStream(h_in, out)
+
     def run(self, clean: CleanStream | None, hq_in: SampleArray, hq_out: SampleArray) -> LayerResult:
         """Quantize the layer. ``clean`` (the clean stream through this layer) is needed by the LoaQ
         family and ignored by RTN/GPTQ, which only need the quantized stream."""
-        if clean is not None and self.cfg.needs_clean_stream():
+        if self.cfg.resets_clean_stream():
+            # Qronos: the clean stream restarts from the quantized one at this layer's input, so
+            # C holds only this layer's own error (the full-precision layer applied to h_hat).
+            clean = self._fp_stream(hq_in)
+        elif clean is not None and self.cfg.needs_clean_stream():
             names = list(clean.out)
             h, *outs = self._in_memory([clean.h, *clean.out.values()])
             clean = CleanStream(h, dict(zip(names, outs)))

@@ -1,4 +1,5 @@
-"""The pure quantization math of loaq: grid, RTN, damped Hessian, GPTQ, statistics, LoaQ targets.
+"""The pure quantization math of loaq: grid, RTN, damped Hessian, GPTQ, GPTAQ, Qronos, statistics,
+LoaQ targets.
 
 Only torch is used here; no I/O, no pipeline code.
 
@@ -23,13 +24,16 @@ from .grid import (
     group_index,
     quantize_codes,
 )
-from .gptq import GPTQResult, gptq
+from .gptaq import asymmetric_feedback, gptaq
+from .gptq import ColumnOrder, GPTQResult, column_order, gptq
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
+from .qronos import qronos, qronos_start
 from .rtn import rtn
 from .stats import InputStats, OutputStats, ProjectedOutputStats
 from .targets import TargetSpec, loaq_target, shifted_target
 
 __all__ = [
+    "ColumnOrder",
     "DampedHessian",
     "GPTQResult",
     "HessianDampingError",
@@ -39,13 +43,18 @@ __all__ = [
     "QuantSpec",
     "QuantizedWeight",
     "TargetSpec",
+    "asymmetric_feedback",
+    "column_order",
     "damp_hessian",
     "dequantize",
     "fake_quantize",
     "fit_scale_zero",
+    "gptaq",
     "gptq",
     "group_index",
     "loaq_target",
+    "qronos",
+    "qronos_start",
     "quantize_codes",
     "rtn",
     "shifted_target",

@@ -20,6 +20,12 @@ Differences from the reference implementation (IST-DASLab/gptq), all deliberate:
 * ``loss`` is the exact damped objective tr((Q − W)H(Q − W)ᵀ) = Σ ((w − q)/U_jj)², not half of it:
   the LDLQ update makes W − Q = E·U with E the scaled errors, and U H Uᵀ = I, so this sum is
   the objective itself (in the units of H = Σ X̂ᵀX̂), not an estimate.
+
+Two hooks let the baselines that correct the input mismatch X − X̂ reuse this loop unchanged
+(``quant/gptaq.py``, ``quant/qronos.py``): ``order`` passes a precomputed processing order and
+factor U (so a caller that needs U as well factors H once), and ``feedback`` adds a second
+error-feedback term, A[j, k]·w_j onto each later column k once column j (pre-rounding value w_j)
+is quantized, applied lazily like the GPTQ term. Without them the loop is exactly GPTQ.
 """
 
 from __future__ import annotations
@@ -53,6 +59,31 @@ def _single_threaded_if_cpu(device: torch.device):
         torch.set_num_threads(previous)
 
 
+@dataclass(frozen=True)
+class ColumnOrder:
+    """The order columns are quantized in and GPTQ's factor in that order.
+
+    perm: (in,) processing position -> input column (identity without act_order).
+    U: (in, in) float64 upper-triangular with UᵀU = (P H Pᵀ)⁻¹. For the trailing positions F = {j, j+1, ...}
+        U[F, F]ᵀU[F, F] = ((P H Pᵀ)[F, F])⁻¹: the inverse of H restricted to the not-yet-quantized
+        columns, which is what every error-feedback step solves with.
+    """
+
+    perm: torch.Tensor
+    U: torch.Tensor
+    act_order: bool
+
+
+def column_order(hessian: DampedHessian, act_order: bool = False) -> ColumnOrder:
+    """Processing order (descending diag(H) with ``act_order``, ties in original order) and its factor U."""
+    device = hessian.H.device
+    if act_order:
+        perm = torch.argsort(hessian.H.diagonal(), descending=True, stable=True)
+    else:
+        perm = torch.arange(hessian.n_in, device=device)
+    return ColumnOrder(perm, hessian.inverse_cholesky_upper(perm if act_order else None), act_order)
+
+
 @dataclass
 class GPTQResult:
     """qweight: the quantized weight; loss: tr((Q − W)H(Q − W)ᵀ) with the damped H, W after
@@ -72,6 +103,8 @@ def gptq(
     block_size: int = 128,
     act_order: bool = False,
     static_groups: bool = False,
+    order: ColumnOrder | None = None,
+    feedback: torch.Tensor | None = None,
 ) -> GPTQResult:
     """Quantize W (out, in) against the damped Hessian (in, in).
 
@@ -79,6 +112,10 @@ def gptq(
     static_groups: fit every group's grid upfront on the original W and column order, so g_idx is
         monotone even with act_order (needed for most export formats); otherwise each group is
         fitted when its first column (in processing order) is reached.
+    order: ``column_order(hessian, act_order)`` if the caller already has it (computed otherwise).
+    feedback: (in, in) strictly upper-triangular A in *processing* order: quantizing the column at
+        position j also adds A[j, k]·w_j to every later position k, w_j being the column's value
+        just before rounding (GPTAQ's asymmetric term). None: plain GPTQ.
     Weight updates run in float32 (float64 if W is float64); H⁻¹ and its Cholesky factor are
     computed in float64 and cast once.
     """
@@ -89,6 +126,10 @@ def gptq(
         raise ValueError(f"W has {n_in} input columns but H is {hessian.n_in}x{hessian.n_in}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if order is not None and order.act_order != act_order:
+        raise ValueError(f"order was computed with act_order={order.act_order}, called with act_order={act_order}")
+    if feedback is not None and tuple(feedback.shape) != (n_in, n_in):
+        raise ValueError(f"feedback must be ({n_in}, {n_in}), got {tuple(feedback.shape)}")
     work_dtype = torch.promote_types(W.dtype, torch.float32)
     device = W.device
     if spec.is_noop:
@@ -108,10 +149,9 @@ def gptq(
     n_groups = -(-n_in // group_size)
     dynamic_groups = grouped and not static_groups
 
-    if act_order:
-        perm = torch.argsort(hessian.H.diagonal(), descending=True, stable=True).to(device)
-    else:
-        perm = torch.arange(n_in, device=device)
+    if order is None:
+        order = column_order(hessian, act_order)
+    perm = order.perm.to(device)
 
     scales = torch.empty(n_out, n_groups, dtype=work_dtype, device=device)
     zeros = torch.empty_like(scales)
@@ -126,7 +166,8 @@ def gptq(
         group_at_position = perm // group_size
 
     # U: (in, in) upper, UᵀU = (P H Pᵀ)⁻¹ in processing order; float64 factor, cast once.
-    U = hessian.inverse_cholesky_upper(perm if act_order else None).to(device=device, dtype=work_dtype)
+    U = order.U.to(device=device, dtype=work_dtype)
+    A = None if feedback is None else feedback.to(device=device, dtype=work_dtype)
     Wt = W.T[perm].contiguous()  # (in, out) in processing order; rows become Q as we go
     codes_t = torch.empty(n_in, n_out, dtype=torch.uint8, device=device)
     group_list = group_at_position.tolist()
@@ -137,6 +178,8 @@ def gptq(
         block = Wt[i1:i2]  # (count, out) view
         U_block = U[i1:i2, i1:i2]
         err_block = torch.zeros(i2 - i1, n_out, dtype=work_dtype, device=device)  # scaled errors E
+        # with feedback: the block's columns just before rounding, for the lazy A term
+        pre_block = None if A is None else torch.empty_like(err_block)
         current_group = -1
         with _single_threaded_if_cpu(device):
             for i in range(i2 - i1):
@@ -149,6 +192,8 @@ def gptq(
                         # The group reaches past this block: add the feedback of this block's
                         # quantized columns that the lazy update has not applied there yet.
                         beyond = Wt[i2:end] - U[i1:j, i2:end].T @ err_block[:i]
+                        if A is not None:
+                            beyond += A[i1:j, i2:end].T @ pre_block[:i]
                         group_cols = torch.cat([group_cols, beyond], dim=0)
                     scale, zero = fit_scale_zero(group_cols.T, spec)
                     scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
@@ -161,11 +206,16 @@ def gptq(
                 err = (w - q) / U_block[i, i]
                 # feedback onto the later columns of this block: row k -= U[i, k] · err
                 block[i + 1:].addr_(U_block[i, i + 1:], err, alpha=-1.0)
+                if A is not None:
+                    block[i + 1:].addr_(A[j, j + 1:i2], w)
+                    pre_block[i] = w
                 block[i] = q
                 codes_t[j] = codes
                 err_block[i] = err
         # lazy feedback onto every column after the block in one product
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
+        if A is not None:
+            Wt[i2:].addmm_(A[i1:i2, i2:].T, pre_block)
         loss += float(err_block.square().sum(dtype=torch.float64))
 
     inverse_perm = torch.argsort(perm)

@@ -32,12 +32,19 @@ WEIGHT_PARTS = ("codes", "scales", "zeros", "g_idx")
 
 
 def config_identity(cfg: QuantizeConfig) -> dict:
-    """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them."""
+    """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them,
+    gptaq_alpha except for GPTAQ, and clean_stream_reset unless the stream is actually reset (so adding
+    these fields left the keys of the other methods as they were)."""
     identity = cfg.model_dump()
     alpha_in, alpha_out, beta = cfg.alphas_beta()
     identity.update(alpha_in=alpha_in, alpha_out=alpha_out, beta=beta)
     if not (cfg.act_order and cfg.group_size):
         identity.pop("static_groups")
+    if cfg.method != "gptaq":
+        identity.pop("gptaq_alpha")
+    identity.pop("clean_stream_reset")
+    if cfg.resets_clean_stream():
+        identity["clean_stream_reset"] = True
     return identity
 
 
