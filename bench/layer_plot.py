@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=["rtn", "gptq", "loaq"])
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="config overrides, as for loaq run")
     args = ap.parse_args()
     out = Path(args.out or RESULTS / f"layers_w{args.bits}")
 
@@ -38,7 +39,7 @@ def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     data = {}
     for method in args.methods:
-        config = load_config(args.config, [f"store.url={args.store}", f"quantize.method={method}", f"quantize.bits={args.bits}"])
+        config = load_config(args.config, [*args.overrides, f"store.url={args.store}", f"quantize.method={method}", f"quantize.bits={args.bits}"])
         ctx = open_context(config)
         p = plan(ctx, config)
         if not all(ctx.store.is_complete(k) for k in p.weights):

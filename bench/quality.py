@@ -52,7 +52,7 @@ GRIDS = {
     + [(m, 3, False) for m in ("lloa", "lloa_soa")],
 }
 # Grids whose table is written next to, not over, the main quality table.
-SEPARATE_TABLES = {"baselines"}
+SEPARATE_TABLES = {"baselines", "bench"}
 
 
 def commit() -> str:
