@@ -1,4 +1,5 @@
-"""Time the layer solver on this CPU: (a) damping + GPTQ vs (b) damping + LoaQ target + GPTQ.
+"""Time the layer solver on this CPU: (a) damping + GPTQ vs (b) damping + LoaQ target + GPTQ, and
+the baselines (c) damping + GPTAQ and (d) damping + Qronos on the same problem.
 
 Shapes are (in × out) of a Llama-7B-like attention projection (4096 × 4096) and MLP up/gate
 projection (4096 × 11008); 4-bit per-channel asymmetric, block 128, no act_order. H, C and B are
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from loaq.quant import QuantSpec, damp_hessian, gptq, loaq_target
+from loaq.quant import QuantSpec, damp_hessian, gptaq, gptq, loaq_target, qronos
 
 THREADS = 2
 FULL_SHAPES = [(4096, 4096), (4096, 11008)]  # (in, out)
@@ -73,6 +74,18 @@ def run_loaq(H, C, B, W, spec):
     return time.perf_counter() - t0, t_target
 
 
+def run_gptaq(H, C, W, spec):
+    t0 = time.perf_counter()
+    gptaq(W, damp_hessian(H), C, spec)
+    return time.perf_counter() - t0
+
+
+def run_qronos(H, C, W, spec):
+    t0 = time.perf_counter()
+    qronos(W, damp_hessian(H), C, spec)
+    return time.perf_counter() - t0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small shapes (1024 × 1024, 1024 × 2752)")
@@ -99,7 +112,8 @@ def main(argv=None) -> int:
         "quant": {"bits": spec.bits, "group_size": None, "symmetric": False, "block_size": 128,
                   "act_order": False, "percdamp": 0.01},
         "target": {"alpha": ALPHA, "beta": BETA, "C": True, "B": True},
-        "note": "a = damp_hessian + gptq; b = damp_hessian + loaq_target + gptq; medians of interleaved repeats",
+        "note": "a = damp_hessian + gptq; b = damp_hessian + loaq_target + gptq; c = damp_hessian + gptaq "
+                "(alpha 0.25); d = damp_hessian + qronos; medians of interleaved repeats",
     }
     print(f"torch {header['torch']} | {header['cpu']} | torch threads = {header['torch_threads']}")
     print(f"4-bit per-channel GPTQ (block 128), target alpha={ALPHA}, beta={BETA}; "
@@ -109,16 +123,20 @@ def main(argv=None) -> int:
     generator = torch.Generator().manual_seed(0)
     for n_in, n_out in shapes:
         H, C, B, W = synthetic_problem(n_in, n_out, args.tokens, generator)
-        times_a, times_b, times_target = [], [], []
+        times_a, times_b, times_target, times_c, times_d = [], [], [], [], []
         for _ in range(args.repeats):
             times_a.append(run_gptq_only(H, W, spec)[0])
             total, target = run_loaq(H, C, B, W, spec)
             times_b.append(total)
             times_target.append(target)
+            times_c.append(run_gptaq(H, C, W, spec))
+            times_d.append(run_qronos(H, C, W, spec))
         a, b = statistics.median(times_a), statistics.median(times_b)
+        c, d = statistics.median(times_c), statistics.median(times_d)
         rows.append({
             "in": n_in, "out": n_out,
             "a_gptq_s": a, "b_loaq_s": b, "ratio_b_over_a": b / a,
+            "c_gptaq_s": c, "ratio_c_over_a": c / a, "d_qronos_s": d, "ratio_d_over_a": d / a,
             "target_only_s": statistics.median(times_target),
             "a_min_s": min(times_a), "b_min_s": min(times_b),
             "a_runs_s": times_a, "b_runs_s": times_b,
@@ -126,11 +144,12 @@ def main(argv=None) -> int:
         del H, C, B, W
 
     print(f"\n{'in × out':>14} | {'(a) GPTQ s':>10} | {'(b) LoaQ s':>10} | {'target s':>8} | {'b/a':>5} | "
-          f"{'min a':>6} | {'min b':>6}")
-    print("-" * 80)
+          f"{'min a':>6} | {'min b':>6} | {'(c) GPTAQ s':>11} | {'c/a':>5} | {'(d) Qronos s':>12} | {'d/a':>5}")
+    print("-" * 124)
     for r in rows:
         print(f"{r['in']:>6} × {r['out']:<5} | {r['a_gptq_s']:>10.2f} | {r['b_loaq_s']:>10.2f} | "
-              f"{r['target_only_s']:>8.2f} | {r['ratio_b_over_a']:>5.2f} | {r['a_min_s']:>6.2f} | {r['b_min_s']:>6.2f}")
+              f"{r['target_only_s']:>8.2f} | {r['ratio_b_over_a']:>5.2f} | {r['a_min_s']:>6.2f} | {r['b_min_s']:>6.2f} | "
+              f"{r['c_gptaq_s']:>11.2f} | {r['ratio_c_over_a']:>5.2f} | {r['d_qronos_s']:>12.2f} | {r['ratio_d_over_a']:>5.2f}")
     print("(medians; min = best single run, less sensitive to other processes on the machine)")
 
     if out_path is not None:
