@@ -24,7 +24,9 @@ def run_status(config: RunConfig) -> list[str]:
     q = config.quantize
     lines = [f"store {config.store.url}   model {config.model.source} ({p.model.family}, {p.model.num_layers} layers)",
              f"variant {q.method} W{q.bits}" + (f" g{q.group_size}" if q.group_size else "") +
-             f" alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}",
+             f" alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}" +
+             (f" gptaq_alpha={q.gptaq_alpha}" if q.method == "gptaq" else "") +
+             (" clean_stream_reset" if q.resets_clean_stream() else ""),
              f"{'calibration':<14} {state(p.calibration)}", f"{'embedding':<14} {state(p.embedding)}",
              f"{'layer':>5}  {'clean stream':<22} {'quantized stream':<22} {'weights':<22}"]
     done = 0
