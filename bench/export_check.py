@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+
+from loaq.models.export import packed_checkpoint_bytes
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -53,15 +54,7 @@ print("RESULT " + json.dumps({"ppl": out, "logits_max_abs_diff": diff, "logits_m
 
 
 def packed_ratio(folder: Path) -> float:
-    packed = fp16 = 0
-    for file in folder.glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")):
-                    t = f.get_tensor(name)
-                    packed += t.numel() * t.element_size()
-                if name.endswith("weight_shape"):
-                    fp16 += 2 * int(torch.prod(f.get_tensor(name)))
+    packed, fp16 = packed_checkpoint_bytes(folder)
     return packed / fp16
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 Method = Literal["rtn", "gptq", "lloa", "lloa_soa", "loaq", "gptaq", "qronos"]
 

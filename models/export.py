@@ -187,3 +187,20 @@ def pack_linear(q, symmetric: bool, scale_dtype: torch.dtype, scheme=None) -> di
 
 def packed_nbytes(tensors: dict[str, torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for k, t in tensors.items() if k.endswith(PACKED_SUFFIXES))
+
+
+def packed_checkpoint_bytes(folder: str | Path) -> tuple[int, int]:
+    """(bytes of the packed linears' tensors, fp16 bytes of those linears' weights), read from the
+    files of an exported ``compressed_tensors`` checkpoint."""
+    from safetensors import safe_open
+
+    packed = fp16 = 0
+    for file in Path(folder).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            for name in f.keys():
+                if name.endswith(PACKED_SUFFIXES):
+                    t = f.get_tensor(name)
+                    packed += t.numel() * t.element_size()
+                if name.endswith("weight_shape"):
+                    fp16 += 2 * int(torch.prod(f.get_tensor(name)))
+    return packed, fp16

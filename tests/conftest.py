@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import pytest
@@ -55,3 +56,11 @@ def shared_data() -> str:
     if not os.path.isdir(SHARED_DATA):
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+def correlated_inputs(tokens: int, n_in: int, dtype=torch.float64) -> torch.Tensor:
+    """X = Z M with a random mixing M: strongly correlated columns of uneven scale."""
+    Z = torch.randn(tokens, n_in, dtype=dtype)
+    M = torch.randn(n_in, n_in, dtype=dtype) / math.sqrt(n_in)
+    M += torch.diag(torch.rand(n_in, dtype=dtype) * 2)
+    return Z @ M

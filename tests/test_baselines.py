@@ -22,19 +22,14 @@ from loaq.quant import (InputStats, QuantSpec, asymmetric_feedback, column_order
 from loaq.stages.quantize import chain_keys, config_identity
 from loaq.store import Store
 
+from conftest import correlated_inputs
+
 torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def correlated_inputs(tokens: int, n_in: int, dtype=torch.float64) -> torch.Tensor:
-    Z = torch.randn(tokens, n_in, dtype=dtype)
-    M = torch.randn(n_in, n_in, dtype=dtype) / math.sqrt(n_in)
-    M += torch.diag(torch.rand(n_in, dtype=dtype) * 2)
-    return Z @ M
 
 
 def mismatched_streams(tokens: int, n_in: int, bits: int = 3):

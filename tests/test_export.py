@@ -16,6 +16,7 @@ from safetensors import safe_open
 from flowkit import make_checkpoint, run_cli, run_id, write_config
 from loaq.cli import main
 from loaq.configs.load import load_config
+from loaq.models.export import packed_checkpoint_bytes
 from loaq.store import Store
 
 BOTH = "export.formats=[fake_quant, compressed_tensors]"
@@ -86,18 +87,6 @@ def tensor_file(folder, name: str) -> Path:
     return Path(folder) / index["weight_map"][name]
 
 
-def packed_bytes(folder: str) -> tuple[int, int]:
-    """(bytes of the quantized linears' tensors, fp16 bytes of their weights), read from the files."""
-    packed = fp16 = 0
-    for file in Path(folder).glob("*.safetensors"):
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                if name.endswith(("weight_packed", "weight_scale", "weight_zero_point", "weight_shape")):
-                    t = f.get_tensor(name)
-                    packed += t.numel() * t.element_size()
-                if name.endswith("weight_shape"):
-                    fp16 += 2 * int(torch.prod(f.get_tensor(name)))
-    return packed, fp16
 
 
 @pytest.fixture(scope="module")
@@ -186,7 +175,7 @@ def test_packed_bytes_per_bit_width(rtn_store, capsys):
         assert main(["export", str(rtn_store["config"]), "--set", f"quantize.bits={bits}",
                      "--format", "compressed_tensors"]) == 0
         folder = capsys.readouterr().out.split("compressed_tensors (float32, W%d): " % bits)[1].split()[0]
-        packed, fp16 = packed_bytes(folder)
+        packed, fp16 = packed_checkpoint_bytes(folder)
         ratios[bits] = packed / fp16
         attrs = json.loads((Path(folder) / "loaq-export.json").read_text())
         assert attrs["linear_bytes"] == packed and attrs["linear_fp16_bytes"] == fp16

@@ -28,20 +28,14 @@ from loaq.quant import (
     shifted_target,
 )
 
+from conftest import correlated_inputs
+
 torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
-
-
-def correlated_inputs(tokens: int, n_in: int, dtype=torch.float64) -> torch.Tensor:
-    """X = Z M with a random mixing M: strongly correlated columns of uneven scale."""
-    Z = torch.randn(tokens, n_in, dtype=dtype)
-    M = torch.randn(n_in, n_in, dtype=dtype) / math.sqrt(n_in)
-    M += torch.diag(torch.rand(n_in, dtype=dtype) * 2)
-    return Z @ M
 
 
 def output_error(X: torch.Tensor, Q: torch.Tensor, W: torch.Tensor) -> float:
