@@ -126,6 +126,9 @@ class OneLayer:
         prefix = self.adapter.layer_prefix.format(index=index)
         return {k[len(prefix):]: v for k, v in self._state.items() if k.startswith(prefix)}
 
+    def input_transforms(self, index: int) -> dict:
+        return {}
+
 
 def sync(device: str) -> None:
     if device == "cuda":

@@ -27,7 +27,8 @@ def embed(source: WeightSource, tokens: torch.Tensor, dtype: torch.dtype = torch
 def forward_layer(source: WeightSource, index: int, h_in: SampleArray, h_out: SampleArray, contexts: ContextFactory,
                   *, device="cpu", dtype=torch.float32, micro_batch: int = 8) -> None:
     """h_out = decoder layer ``index`` applied to h_in (transformers' own layer forward)."""
-    layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device)
+    layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device,
+                        source.input_transforms(index))
     for start, stop in micro_batches(h_in.shape[0], micro_batch):
         h = h_in.read(start, stop).to(device=device, dtype=dtype)
         ctx = contexts(h)
@@ -44,7 +45,8 @@ def clean_layer_forward(source: WeightSource, index: int, h_in: SampleArray, h_o
     transformers layer, so h_out is bit-identical to ``forward_layer``'s. The LoaQ statistics of
     W_out need only Y (Y - b = X W_out^T) from the clean stream, not X itself, which is what lets a
     variant reuse the stored clean stream without running the full-precision layer again."""
-    layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device)
+    layer = build_layer(source.adapter, source.config, index, source.layer_state(index), dtype, device,
+                        source.input_transforms(index))
     for start, stop in micro_batches(h_in.shape[0], micro_batch):
         h = h_in.read(start, stop).to(device=device, dtype=dtype)
         for sub in source.adapter.sublayers:

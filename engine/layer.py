@@ -37,7 +37,8 @@ from torch import nn
 
 from loaq.configs.schema import MISMATCH_METHODS, QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
-from loaq.models.layers import ContextFactory, build_layer, call_sublayer, rms_factor, set_submodule, submodule
+from loaq.models.layers import (ContextFactory, InputTransform, build_layer, call_sublayer, rms_factor, set_submodule,
+                               submodule, with_input_transforms)
 from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptaq, gptq,
                         loaq_target, qronos, rtn, shifted_target)
 
@@ -106,26 +107,30 @@ class LayerQuantizer:
 
     def __init__(self, adapter: Adapter, config, index: int, state: dict[str, torch.Tensor], cfg: QuantizeConfig,
                  contexts: ContextFactory, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
-                 micro_batch: int = 8, cache_bytes: int = 8 << 30):
+                 micro_batch: int = 8, cache_bytes: int = 8 << 30,
+                 input_transforms: dict[str, list[InputTransform]] | None = None):
         self.adapter, self.config, self.index, self.cfg = adapter, config, index, cfg
         self.contexts, self.device, self.dtype, self.micro_batch = contexts, device, dtype, micro_batch
         self.eps = float(config.rms_norm_eps)
         self.cache_bytes = cache_bytes  # host memory allowed for caching a sub-layer's W_out inputs
-        self.quant = build_layer(adapter, config, index, state, dtype, device)
+        # input_transforms: the model's own online transforms of linear inputs (a rotated model's
+        # online Hadamard), applied in both streams; see models.layers.add_input_transform.
+        self.quant = build_layer(adapter, config, index, state, dtype, device, input_transforms)
         # W_out linears are applied by hand (see module docstring); keep the full-precision ones.
+        # Their identity stand-ins keep the linears' input transforms, so X_hat is what W_out reads.
         self.w_out: dict[str, nn.Linear] = {}
         for sub in adapter.sublayers:
             self.w_out[sub.name] = submodule(self.quant, sub.w_out)
-            set_submodule(self.quant, sub.w_out, nn.Identity())
+            set_submodule(self.quant, sub.w_out, with_input_transforms(nn.Identity(), self.w_out[sub.name]))
         self.result = LayerResult()
         self.timer = PhaseTimes(device)
         # GPTAQ and Qronos need C = X_hat^T (X - X_hat) of W_out itself, so the clean X (W_out's
         # input in the full-precision layer) is recomputed for them; the LoaQ family needs only Y.
         self.fp = None
         if cfg.method in MISMATCH_METHODS:
-            self.fp = build_layer(adapter, config, index, state, dtype, device)
+            self.fp = build_layer(adapter, config, index, state, dtype, device, input_transforms)
             for sub in adapter.sublayers:
-                set_submodule(self.fp, sub.w_out, nn.Identity())
+                set_submodule(self.fp, sub.w_out, with_input_transforms(nn.Identity(), submodule(self.fp, sub.w_out)))
 
     # -- the sub-layer pieces -------------------------------------------------------------------
     def _inner(self, sub: SubLayer, hq: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,8 @@ def quantize_model(source: WeightSource, tokens: torch.Tensor, cfg: QuantizeConf
         clean_layer_forward(source, index, h, h_out, clean.out, contexts, device=device, dtype=dtype,
                             micro_batch=micro_batch)
         quantizer = LayerQuantizer(source.adapter, source.config, index, source.layer_state(index), cfg, contexts,
-                                   device=device, dtype=dtype, micro_batch=micro_batch)
+                                   device=device, dtype=dtype, micro_batch=micro_batch,
+                                   input_transforms=source.input_transforms(index))
         layer_result = quantizer.run(clean, hq, hq_out)
         result.layers.append(layer_result)
         result.divergence.append(stream_divergence(h_out, hq_out))

@@ -24,6 +24,7 @@ class WeightSource(Protocol):
     def embed_weight(self) -> torch.Tensor: ...
     def final_norm_weight(self) -> torch.Tensor: ...
     def lm_head_weight(self) -> torch.Tensor: ...
+    def input_transforms(self, index: int) -> dict[str, list]: ...  # linear name -> InputTransforms
 
 
 class ModelWeights:
@@ -49,6 +50,9 @@ class ModelWeights:
     def lm_head_weight(self) -> torch.Tensor:
         return self._state.get(self.adapter.lm_head, self.embed_weight())
 
+    def input_transforms(self, index: int) -> dict[str, list]:
+        return {}
+
 
 class QuantizedWeights:
     """``base`` with the linears named in ``layers[index]`` replaced (weight tensors, (out, in))."""
@@ -71,3 +75,6 @@ class QuantizedWeights:
 
     def lm_head_weight(self) -> torch.Tensor:
         return self.base.lm_head_weight()
+
+    def input_transforms(self, index: int) -> dict[str, list]:
+        return self.base.input_transforms(index)

@@ -111,3 +111,7 @@ class Checkpoint:
         if self.has(self.adapter.lm_head):
             return self.tensor(self.adapter.lm_head)
         return self.embed_weight()
+
+    def input_transforms(self, index: int) -> dict:
+        """A checkpoint's linears read their inputs as they are (no online transforms)."""
+        return {}

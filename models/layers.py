@@ -6,6 +6,7 @@ its parameters are assigned from the checkpoint's tensors for that layer.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,8 +17,36 @@ from transformers.masking_utils import create_causal_mask, create_sliding_window
 from .adapters import Adapter, is_sliding_layer
 
 
+# A function applied to a linear's input before the linear: an online rotation of a rotated model, the
+# activation quantizer of a weight-and-activation quantized stream. (..., in) -> (..., in).
+InputTransform = Callable[[torch.Tensor], torch.Tensor]
+INPUT_TRANSFORMS = "loaq_input_transforms"  # attribute listing a module's transforms, in order
+
+
+def add_input_transform(module: nn.Module, transform: InputTransform) -> None:
+    """Apply ``transform`` to the module's first positional input on every call (a forward pre-hook);
+    the transforms of a module run in the order they were added."""
+    module.register_forward_pre_hook(lambda _module, args: (transform(args[0]), *args[1:]))
+    setattr(module, INPUT_TRANSFORMS, (*getattr(module, INPUT_TRANSFORMS, ()), transform))
+
+
+def input_transforms_of(module: nn.Module) -> tuple[InputTransform, ...]:
+    return getattr(module, INPUT_TRANSFORMS, ())
+
+
+def with_input_transforms(replacement: nn.Module, module: nn.Module) -> nn.Module:
+    """``replacement`` applying the same input transforms as ``module``: when the engine swaps a W_out
+    linear for an identity to capture its input, the captured input is what the linear really sees."""
+    for transform in input_transforms_of(module):
+        add_input_transform(replacement, transform)
+    return replacement
+
+
 def build_layer(adapter: Adapter, config: PretrainedConfig, index: int, state: dict[str, torch.Tensor],
-                dtype: torch.dtype, device: torch.device | str) -> nn.Module:
+                dtype: torch.dtype, device: torch.device | str,
+                input_transforms: Mapping[str, Sequence[InputTransform]] | None = None) -> nn.Module:
+    """Decoder layer ``index`` with ``state``'s weights; ``input_transforms`` maps linear names (relative
+    to the layer) to the transforms applied to their inputs, in order."""
     cls = adapter.resolve("decoder_layer")
     with torch.device("meta"):
         layer = cls(config, index)
@@ -25,6 +54,9 @@ def build_layer(adapter: Adapter, config: PretrainedConfig, index: int, state: d
     if missing:
         raise ValueError(f"decoder layer {index}: checkpoint lacks {sorted(missing)}")
     layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+    for name, transforms in (input_transforms or {}).items():
+        for transform in transforms:
+            add_input_transform(submodule(layer, name), transform)
     return layer.eval()
 
 

@@ -48,6 +48,9 @@ class StoredQuantizedWeights:
     def lm_head_weight(self):
         return self.base.lm_head_weight()
 
+    def input_transforms(self, index: int):
+        return self.base.input_transforms(index)
+
 
 def dataset_label(dataset: str, data_dir: str | None) -> str:
     return "WikiText-2 test" if dataset == "wikitext2" else c4_validation_label(data_dir)

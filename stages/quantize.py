@@ -127,7 +127,8 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
     meter = DivergenceMeter(outlier_threshold(clean_out, micro_batch=rt.micro_batch))
     contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
     quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
-                               contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch)
+                               contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch,
+                               input_transforms=checkpoint.input_transforms(index))
     # `chain` names the variant (root + config) so retention can keep only its last layer's states.
     attrs = {"layer": index, "chain": chain_id, "method": cfg.method}
     with ctx.store.writer(chain_key, kind="quant_state", attrs=attrs, overwrite=True) as w:

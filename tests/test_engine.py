@@ -135,3 +135,42 @@ def test_clean_layer_forward_is_bit_identical_and_records_sublayer_outputs(famil
     assert torch.equal(out.tensor, plain.tensor)
     assert torch.equal(h.tensor + subs["attn"].tensor + subs["mlp"].tensor, out.tensor)
     assert subs["attn"].tensor.abs().max() > 0 and subs["mlp"].tensor.abs().max() > 0
+
+
+class _RotatedDownProj(ModelWeights):
+    """down_proj reads x Q (an online transform) and holds W Q: the same function as the original."""
+
+    def __init__(self, model, Q):
+        super().__init__(model)
+        self.Q = Q
+
+    def layer_state(self, index):
+        state = dict(super().layer_state(index))
+        state["mlp.down_proj.weight"] = state["mlp.down_proj.weight"] @ self.Q
+        return state
+
+    def input_transforms(self, index):
+        return {"mlp.down_proj": [lambda x: x @ self.Q.to(x.dtype)]}
+
+
+@pytest.mark.parametrize("method", ["gptq", "loaq", "gptaq"])
+def test_online_input_transforms_reach_every_forward_and_the_solver(method):
+    from loaq.engine.forward import stream_forward
+
+    model = tiny_model("llama")
+    tokens = tokens_for(model)
+    n = model.config.intermediate_size
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=torch.Generator().manual_seed(3), dtype=torch.float64))
+    plain, rotated = ModelWeights(model), _RotatedDownProj(model, Q.float())
+    torch.testing.assert_close(stream_forward(rotated, tokens), stream_forward(plain, tokens), rtol=0, atol=1e-5)
+
+    # Unquantized (16 bits) through the engine: the quantized stream is the model itself, so the
+    # W_out stand-in must apply the transform too.
+    same = quantize_model(rotated, tokens, QuantizeConfig(method=method, bits=16), micro_batch=2)
+    torch.testing.assert_close(same.final_hidden, stream_forward(plain, tokens), rtol=0, atol=1e-5)
+    # Quantized: the solver saw the transformed inputs (its H), so its output error is that of a
+    # real GPTQ solve, far below what untransformed inputs against the folded weight would give.
+    q = quantize_model(rotated, tokens, QuantizeConfig(method=method, bits=4), micro_batch=2)
+    ref = stream_forward(plain, tokens)
+    err = (q.final_hidden - ref).pow(2).mean() / ref.pow(2).mean()
+    assert err < 0.05
