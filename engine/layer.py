@@ -192,7 +192,7 @@ class LayerQuantizer:
                 h_b = self._clean_input(clean, position, start, stop) if use_clean else None
                 with timer("stats"):
                     xq = self._flat(norm(hq_b))
-                    stats.add(self._flat(norm(h_b)) if use_clean else xq, xq)
+                    stats.add(self._flat(norm(h_b)) if use_clean else None, xq)
         self._assign(w_in_names, self._solve(f"{sub.name}.w_in", W_in, stats, alpha_in, 0.0))
         del stats
 
@@ -215,7 +215,7 @@ class LayerQuantizer:
                     cache.write(start, xq)
                 if not use_clean:
                     with timer("stats"):
-                        stats.add(self._flat(xq), self._flat(xq))
+                        stats.add(None, self._flat(xq))
                     continue
                 h_b = self._clean_input(clean, position, start, stop)
                 if self.fp is not None:

@@ -32,33 +32,41 @@ def _as_token_scale(s: torch.Tensor, n_tokens: int, name: str) -> torch.Tensor:
 
 
 class InputStats:
-    """H = Σ X̂ᵀX̂ and C = Σ X̂ᵀ(X − X̂), both (in, in), for a layer fed by the input stream (W_in)."""
+    """H = Σ X̂ᵀX̂ and C = Σ X̂ᵀ(X − X̂), both (in, in), for a layer fed by the input stream (W_in).
+
+    GPTQ and RTN have one stream (X = X̂, C = 0): they pass ``X=None`` and C is never formed, which
+    saves one (in, in) product per micro-batch and the (in, in) float64 accumulator (C stays None).
+    """
 
     def __init__(self, n_in: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
         self.n_in = n_in
         self.compute_dtype = compute_dtype
         self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
-        self._C = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._C: torch.Tensor | None = None
         self.n_tokens = 0
 
-    def add(self, X: torch.Tensor, Xq: torch.Tensor) -> None:
-        """X: (..., in) clean-stream input, Xq: (..., in) quantized-stream input, same tokens."""
-        X = _as_tokens(X, self.n_in, "X")
-        Xq = _as_tokens(Xq, self.n_in, "Xq")
-        if X.shape[0] != Xq.shape[0]:
-            raise ValueError(f"X has {X.shape[0]} tokens but Xq has {Xq.shape[0]}")
-        X = X.to(device=self._H.device, dtype=self.compute_dtype)
-        Xq = Xq.to(device=self._H.device, dtype=self.compute_dtype)
+    def add(self, X: torch.Tensor | None, Xq: torch.Tensor) -> None:
+        """X: (..., in) clean-stream input, or None when it is Xq itself; Xq: (..., in) quantized-stream
+        input, same tokens."""
+        Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=self._H.device, dtype=self.compute_dtype)
         self._H += (Xq.T @ Xq).to(torch.float64)
-        self._C += (Xq.T @ (X - Xq)).to(torch.float64)
-        self.n_tokens += X.shape[0]
+        if X is not None:
+            X = _as_tokens(X, self.n_in, "X")
+            if X.shape[0] != Xq.shape[0]:
+                raise ValueError(f"X has {X.shape[0]} tokens but Xq has {Xq.shape[0]}")
+            X = X.to(device=self._H.device, dtype=self.compute_dtype)
+            if self._C is None:
+                self._C = torch.zeros_like(self._H)
+            self._C += (Xq.T @ (X - Xq)).to(torch.float64)
+        self.n_tokens += Xq.shape[0]
 
     def merge(self, other: "InputStats") -> "InputStats":
         """Add another accumulator's sums (e.g. a resumed partial run) into this one."""
         if not isinstance(other, InputStats) or other.n_in != self.n_in:
             raise ValueError("can only merge InputStats of the same width")
         self._H += other._H.to(self._H.device)
-        self._C += other._C.to(self._C.device)
+        if other._C is not None:
+            self._C = other._C.to(self._H.device).clone() if self._C is None else self._C + other._C.to(self._H.device)
         self.n_tokens += other.n_tokens
         return self
 
@@ -67,7 +75,8 @@ class InputStats:
         return self._H
 
     @property
-    def C(self) -> torch.Tensor:
+    def C(self) -> torch.Tensor | None:
+        """None when only one stream was added (C = 0)."""
         return self._C
 
     @property

@@ -482,3 +482,17 @@ def test_w_in_target_equals_the_formula_in_either_solve_order(n_out):
     # The wide order multiplies by W in float32 (the solve itself stays float64).
     tol = 1e-9 if n_out <= n_in else 1e-5
     torch.testing.assert_close(loaq_target(W, hessian, stats.C, None, 0.7, 0.0), expected, rtol=tol, atol=tol)
+
+
+def test_single_stream_input_stats_skip_the_mismatch_term():
+    # GPTQ has one stream: passing X=None must give the same H as passing X = Xq, and no C at all
+    # (neither its product per micro-batch nor its (in, in) accumulator).
+    X = correlated_inputs(300, 24, dtype=torch.float32)
+    one, two = InputStats(24), InputStats(24)
+    for chunk in X.split(100):
+        one.add(None, chunk)
+        two.add(chunk, chunk)
+    assert one.C is None and torch.count_nonzero(two.C) == 0
+    assert torch.equal(one.H, two.H) and one.n_tokens == two.n_tokens == 300
+    merged = InputStats(24).merge(two).merge(one)
+    assert torch.equal(merged.H, 2 * one.H) and torch.count_nonzero(merged.C) == 0
