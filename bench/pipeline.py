@@ -28,20 +28,22 @@ RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 
 
-def loaq_run(store: str, extra: list[str], env: dict | None = None) -> tuple[float, int, str]:
+def loaq_run(store: str, extra: list[str], env: dict | None = None) -> tuple[float, int, str, float]:
+    """(wall seconds, exit code, output, peak RSS of the `loaq run` process in MiB)."""
     args = [sys.executable, "-m", "loaq", "run", "default", "--set", f"store.url={store}", *extra]
     full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
     started = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out:
         proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=full_env, start_new_session=True)
-        rc = proc.wait()
+        _, status, usage = os.wait4(proc.pid, 0)
+        rc = proc.returncode = os.waitstatus_to_exitcode(status)
         try:
             os.killpg(proc.pid, signal.SIGKILL)  # Prefect's ephemeral server outlives a killed run
         except ProcessLookupError:
             pass
         out.seek(0)
         text = out.read()
-    return time.perf_counter() - started, rc, text
+    return time.perf_counter() - started, rc, text, usage.ru_maxrss / 1024  # Linux: KiB
 
 
 def run_id(text: str) -> str:
@@ -68,21 +70,21 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory(dir=REPO / ".loaq" if (REPO / ".loaq").is_dir() else None) as tmp:
         store = f"{tmp}/store"
-        cold, rc, text = loaq_run(store, extra)
+        cold, rc, text, rows["cold_peak_rss_mib"] = loaq_run(store, extra)
         assert rc == 0, text[-3000:]
         cold_stages = computed_seconds(store, run_id(text))
         rows["cold"] = cold
-        warm, rc, text = loaq_run(store, extra)
+        warm, rc, text, _ = loaq_run(store, extra)
         assert rc == 0, text[-3000:]
         rows["warm"] = warm
-        variant, rc, text = loaq_run(store, [*extra, "--set", "quantize.alpha_in=0.3", "--set", "quantize.alpha_out=0.3"])
+        variant, rc, text, _ = loaq_run(store, [*extra, "--set", "quantize.alpha_in=0.3", "--set", "quantize.alpha_out=0.3"])
         assert rc == 0, text[-3000:]
         rows["variant"] = variant
 
         store2 = f"{tmp}/store-resume"
-        killed, rc, text = loaq_run(store2, extra, env={"LOAQ_FAILPOINT": f"quantize-layer:{args.kill_layer}:mid"})
+        killed, rc, text, _ = loaq_run(store2, extra, env={"LOAQ_FAILPOINT": f"quantize-layer:{args.kill_layer}:mid"})
         assert rc == -signal.SIGKILL, (rc, text[-2000:])
-        resumed, rc, text = loaq_run(store2, extra)
+        resumed, rc, text, _ = loaq_run(store2, extra)
         assert rc == 0, text[-3000:]
         # The work left at the kill: layers >= K (clean and quantized) and the evaluations, as timed in the cold run.
         layers_left = cold_stages["quantize-layer"][args.kill_layer:]
@@ -93,7 +95,7 @@ def main() -> None:
         rows["resumed"] = resumed
         rows["remaining_work_in_cold_run"] = remaining
     result = {
-        "cold_s": round(rows["cold"], 1),
+        "cold_s": round(rows["cold"], 1), "cold_peak_rss_mib": round(rows["cold_peak_rss_mib"], 1),
         "warm_s": round(rows["warm"], 1), "warm_over_cold": round(rows["warm"] / rows["cold"], 4),
         "variant_s": round(rows["variant"], 1), "variant_over_cold": round(rows["variant"] / rows["cold"], 4),
         "kill_layer": args.kill_layer, "resumed_s": round(rows["resumed"], 1),
@@ -103,7 +105,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     print("| measure | seconds | ratio |\n| --- | ---: | ---: |")
-    print(f"| cold run | {result['cold_s']} | 1 |")
+    print(f"| cold run (peak RSS {result['cold_peak_rss_mib']:.0f} MiB) | {result['cold_s']} | 1 |")
     print(f"| identical rerun | {result['warm_s']} | {result['warm_over_cold']:.3f} of cold |")
     print(f"| alpha/beta variant | {result['variant_s']} | {result['variant_over_cold']:.3f} of cold |")
     print(f"| resume after SIGKILL in layer {args.kill_layer} | {result['resumed_s']} | "

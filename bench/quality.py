@@ -22,6 +22,7 @@ import os
 import platform
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
@@ -34,25 +35,64 @@ from loaq.flows.quantize import open_context, quantize_flow  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
-# (method, bits, act_order)
-GRIDS = {
-    "default": [(m, 3, False) for m in ("rtn", "gptq", "lloa", "lloa_soa", "loaq")]
-    + [("rtn", 4, False), ("gptq", 4, False), ("gptq", 4, True), ("loaq", 4, False), ("loaq", 4, True)]
-    + [(m, 16, False) for m in ("gptq", "loaq")],
-    "w3": [(m, 3, False) for m in ("rtn", "gptq", "loaq")],
+@dataclass(frozen=True)
+class Variant:
+    """One row of a quality table: a method at a width, channel-wise unless ``group`` is set, in a
+    named ``setting`` (a set of config overrides from SETTINGS, "" for plain weight quantization)."""
+
+    method: str
+    bits: int
+    act_order: bool = False
+    group: int | None = None
+    setting: str = ""
+
+    def overrides(self) -> list[str]:
+        return [f"quantize.method={self.method}", f"quantize.bits={self.bits}",
+                f"quantize.act_order={str(self.act_order).lower()}",
+                f"quantize.group_size={self.group if self.group else 'null'}", *SETTINGS[self.setting]]
+
+    def name(self) -> str:
+        parts = [self.method, f"w{self.bits}", f"g{self.group}" if self.group else "", "act" if self.act_order else "",
+                 self.setting.replace("+", "-")]
+        return "bench-" + "-".join(p for p in parts if p)
+
+    def baseline(self) -> tuple:
+        """What the 'x GPTQ' ratio compares against: the GPTQ row of the same width, grouping and setting."""
+        return (self.bits, self.act_order, self.group, self.setting)
+
+
+# Named settings: config overrides that combine with every method.
+SETTINGS: dict[str, tuple[str, ...]] = {"": ()}
+
+_METHODS = ("gptq", "rtn", "loaq", "gptaq", "qronos", "lloa", "lloa_soa")
+
+
+def _rows(methods, widths, **kw) -> list[Variant]:
+    return [Variant(m, b, **kw) for b in widths for m in methods]
+
+
+GRIDS: dict[str, list[Variant]] = {
+    "default": _rows(("rtn", "gptq", "lloa", "lloa_soa", "loaq"), (3,))
+    + [Variant("rtn", 4), Variant("gptq", 4), Variant("gptq", 4, True), Variant("loaq", 4), Variant("loaq", 4, True)]
+    + _rows(("gptq", "loaq"), (16,)),
+    "w3": _rows(("rtn", "gptq", "loaq"), (3,)),
     # The rows the engine's acceptance needs, in the order they are most informative.
-    "core": [("rtn", 3, False), ("gptq", 3, False), ("loaq", 3, False), ("rtn", 4, False), ("gptq", 4, False),
-             ("gptq", 4, True), ("loaq", 4, False), ("gptq", 16, False), ("loaq", 16, False)],
-    "ablation": [(m, 3, False) for m in ("lloa", "lloa_soa")],
+    "core": [Variant("rtn", 3), Variant("gptq", 3), Variant("loaq", 3), Variant("rtn", 4), Variant("gptq", 4),
+             Variant("gptq", 4, True), Variant("loaq", 4), Variant("gptq", 16), Variant("loaq", 16)],
+    "ablation": _rows(("lloa", "lloa_soa"), (3,)),
     # The paper's comparison (its Tables 1-3): GPTQ, GPTAQ, Qronos and LoaQ, channel-wise; GPTQ first
     # at each width, so that the others' cost is measured against it in the same run.
-    "baselines": [(m, bits, False) for bits in (2, 3, 4) for m in ("gptq", "gptaq", "qronos", "loaq")],
-    # What `bench/run` regenerates: every method at W2, W3, W4, the ablation at W3 (GPTQ first at each width).
-    "bench": [(m, b, False) for b in (3, 4, 2) for m in ("gptq", "rtn", "loaq", "gptaq", "qronos")]
-    + [(m, 3, False) for m in ("lloa", "lloa_soa")],
+    "baselines": _rows(("gptq", "gptaq", "qronos", "loaq"), (2, 3, 4)),
+    # What `bench/run` regenerates: every method and the ablation at W3, W4, W2 channel-wise, then
+    # GPTQ and LoaQ with groups of 128 columns (GPTQ first in each block).
+    "bench": _rows(_METHODS, (3, 4, 2)) + _rows(("gptq", "loaq"), (3, 4, 2), group=128),
+    # Zero-shot accuracy (run with evaluation.zero_shot_tasks set) for the widths where the models
+    # still answer better than chance.
+    "zeroshot": _rows(("gptq", "loaq"), (4, 3)),
 }
+
 # Grids whose table is written next to, not over, the main quality table.
-SEPARATE_TABLES = {"baselines", "bench"}
+SEPARATE_TABLES = {"baselines", "bench", "zeroshot"}
 
 
 def commit() -> str:
@@ -63,12 +103,22 @@ def commit() -> str:
         return "unknown"
 
 
+def accuracies(summary: dict) -> dict[str, float]:
+    """task -> acc_norm where the task defines it (ARC, HellaSwag, PIQA), else acc (WinoGrande)."""
+    return {t: (v["acc_norm"] if v.get("acc_norm") is not None else v["acc"])
+            for t, v in summary.items() if t != "skipped"}
+
+
+def baseline_of(row: dict) -> tuple:
+    return (row["bits"], row["act_order"], row.get("group"), row.get("setting", ""))
+
+
 def add_cost_ratios(rows: list[dict]) -> None:
-    """quantize_ratio_to_gptq: quantize seconds over those of the GPTQ row with the same bits and act-order,
-    both computed (not reused) in this run; None otherwise."""
-    gptq = {(r["bits"], r["act_order"]): r for r in rows if r["method"] == "gptq" and r.get("quantize_computed")}
+    """quantize_ratio_to_gptq: quantize seconds over those of the GPTQ row with the same width, act-order,
+    grouping and setting, both computed (not reused) in this run; None otherwise."""
+    gptq = {baseline_of(r): r for r in rows if r["method"] == "gptq" and r.get("quantize_computed")}
     for r in rows:
-        base = gptq.get((r["bits"], r["act_order"]))
+        base = gptq.get(baseline_of(r))
         ok = base is not None and r.get("quantize_computed") and base["quantize_seconds"] > 0
         r["quantize_ratio_to_gptq"] = round(r["quantize_seconds"] / base["quantize_seconds"], 3) if ok else None
 
@@ -90,15 +140,14 @@ def main() -> None:
         args.store = f"{args.store.rstrip('/')}-{time.strftime('%Y%m%d-%H%M%S')}"
 
     rows = []
-    fp = None
+    fp, fp_zero_shot = None, {}
     previous = Path(args.out).with_suffix(".json")
     if args.append and previous.is_file():
         rows = json.loads(previous.read_text())["rows"]
     this_run = []  # cost ratios only within this invocation
-    for method, bits, act_order in GRIDS[args.grid]:
-        config = load_config(args.config, [*args.overrides, f"store.url={args.store}", f"quantize.method={method}",
-                                           f"quantize.bits={bits}", f"quantize.act_order={str(act_order).lower()}",
-                                           f"name=bench-{method}-w{bits}{'-act' if act_order else ''}"])
+    for variant in GRIDS[args.grid]:
+        config = load_config(args.config, [*args.overrides, f"store.url={args.store}", *variant.overrides(),
+                                           f"name={variant.name()}"])
         started = time.perf_counter()
         result = quantize_flow(config)
         wall = time.perf_counter() - started
@@ -108,10 +157,15 @@ def main() -> None:
         quant_s = sum(e.get("seconds") or 0 for e in layers if e["action"] == "computed")
         ppl = {d: store.open(k["quantized"]).attrs["ppl"] for d, k in result["evals"].items()}
         fp = {d: store.open(k["fp"]).attrs for d, k in result["evals"].items()}
-        row = {"method": method, "bits": bits, "act_order": act_order, "ppl": ppl,
+        if result["zero_shot"]:
+            fp_zero_shot = accuracies(store.open(result["zero_shot"]["fp"]).attrs["zero_shot"])
+        row = {"method": variant.method, "bits": variant.bits, "act_order": variant.act_order, "group": variant.group,
+               "setting": variant.setting, "ppl": ppl,
                "quantize_seconds": round(quant_s, 1), "wall_seconds": round(wall, 1),
                "quantize_computed": bool(layers) and all(e["action"] == "computed" for e in layers),
                "run_id": result["run_id"]}
+        if result["zero_shot"]:
+            row["zero_shot"] = accuracies(store.open(result["zero_shot"]["quantized"]).attrs["zero_shot"])
         rows.append(row)
         this_run.append(row)
         print(json.dumps(row), flush=True)
@@ -120,28 +174,38 @@ def main() -> None:
     q = config.quantize
     cal = config.calibration
     datasets = list(fp)
-    header = (f"SmolLM2-135M-Instruct (embedded GGUF, dequantized to fp32), channel-wise asymmetric weights, "
+    header = (f"SmolLM2-135M-Instruct (embedded GGUF, dequantized to fp32), asymmetric weights (channel-wise unless a group size is given), "
               f"calibration {cal.n_samples}x{cal.seqlen} tokens from the C4 train prefix (seed {cal.seed}), "
               f"evaluation: " + ", ".join(f"{fp[d]['label']} {fp[d]['windows']}x{fp[d]['seqlen']}" for d in datasets)
               + f" (GPTQ protocol, token perplexity); LoaQ alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}; "
               f"GPTAQ alpha={q.gptaq_alpha}; Qronos with the clean stream restarted at every decoder layer; "
               f"damping percdamp={q.percdamp} for all; "
               f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, commit {commit()}, {time.strftime('%Y-%m-%d')}")
-    lines = [f"_{header}_", "", "| method | bits | act-order | " + " | ".join(f"{d} ppl" for d in datasets)
-             + " | quantize s | x GPTQ |", "| --- | ---: | --- | " + " | ".join("---:" for _ in datasets) + " | ---: | ---: |",
-             "| FP | 32 | - | " + " | ".join(f"{fp[d]['ppl']:.2f}" for d in datasets) + " | - | - |"]
+    tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
+    if tasks:
+        ev = config.evaluation
+        header += (f"; zero-shot (lm-eval, 0-shot, acc_norm where defined, else acc): first "
+                   f"{ev.zero_shot_limit or 'all'} items of each task")
+    cell = lambda acc: "-" if acc is None else f"{100 * acc:.1f}"
+    lines = [f"_{header}_", "", "| method | bits | group | setting | act-order | "
+             + " | ".join([*(f"{d} ppl" for d in datasets), *tasks]) + " | quantize s | x GPTQ |",
+             "| --- | ---: | ---: | --- | --- | " + " | ".join("---:" for _ in [*datasets, *tasks]) + " | ---: | ---: |",
+             "| FP | 32 | - | - | - | " + " | ".join([*(f"{fp[d]['ppl']:.2f}" for d in datasets),
+                                                     *(cell(fp_zero_shot.get(t)) for t in tasks)]) + " | - | - |"]
     for r in rows:
         ratio = r.get("quantize_ratio_to_gptq")
-        lines.append(f"| {r['method']} | {r['bits']} | {'yes' if r['act_order'] else 'no'} | "
-                     + " | ".join(f"{r['ppl'][d]:.2f}" for d in datasets) + f" | {r['quantize_seconds']} | "
-                     + ("-" if ratio is None else f"{ratio:.2f}") + " |")
+        zs = r.get("zero_shot", {})
+        lines.append(f"| {r['method']} | {r['bits']} | {r.get('group') or 'channel'} | {r.get('setting') or '-'} | "
+                     f"{'yes' if r['act_order'] else 'no'} | "
+                     + " | ".join([*(f"{r['ppl'][d]:.2f}" for d in datasets), *(cell(zs.get(t)) for t in tasks)])
+                     + f" | {r['quantize_seconds']} | " + ("-" if ratio is None else f"{ratio:.2f}") + " |")
     table = "\n".join(lines)
     print(table)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".md").write_text(table + "\n")
     out.with_suffix(".json").write_text(json.dumps(
-        {"protocol": header, "fp": {d: fp[d]["ppl"] for d in datasets}, "rows": rows,
+        {"protocol": header, "fp": {d: fp[d]["ppl"] for d in datasets}, "fp_zero_shot": fp_zero_shot, "rows": rows,
          "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                      "torch": torch.__version__}, "commit": commit()}, indent=1))
 

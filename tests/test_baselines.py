@@ -218,7 +218,7 @@ def test_qronos_is_its_three_steps(act_order):
     scale, zero = result.scales, result.zeros  # per channel: the grid the solver fitted
     order = column_order(hessian, act_order)
     p = order.perm
-    Xp, Xqp, Wp = X[:, p], Xq[:, p], W[:, p]
+    Xqp, Wp = Xq[:, p], W[:, p]
     Y = X @ W.T  # the clean output
 
     # 1: the coordinate minimiser of the (damped) clean-output objective for position 0
