@@ -1,5 +1,5 @@
 """The pure quantization math of loaq: grid, RTN, damped Hessian, GPTQ, GPTAQ, Qronos, statistics,
-LoaQ targets.
+LoaQ targets, Hadamard rotations.
 
 Only torch is used here; no I/O, no pipeline code.
 
@@ -26,6 +26,7 @@ from .grid import (
 )
 from .gptaq import asymmetric_feedback, gptaq
 from .gptq import ColumnOrder, GPTQResult, column_order, gptq
+from .hadamard import Hadamard, HadamardSizeError
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
@@ -36,6 +37,8 @@ __all__ = [
     "ColumnOrder",
     "DampedHessian",
     "GPTQResult",
+    "Hadamard",
+    "HadamardSizeError",
     "HessianDampingError",
     "InputStats",
     "OutputStats",
