@@ -91,6 +91,16 @@ class QuantizeConfig(Strict):
         return self.method == "qronos" if self.clean_stream_reset is None else self.clean_stream_reset
 
 
+class RotationConfig(Strict):
+    """An orthogonal rotation of the model before quantization (QuaRot): norms fused into the adjacent
+    linears, the residual stream rotated by a randomised Hadamard matrix, down_proj's input by an
+    online Hadamard. The same function in full precision; a different model for the store."""
+
+    kind: Literal["none", "hadamard"] = Field(
+        "none", description="none, or hadamard: sizes 2^k*m, m = 1 or a Paley order (12, 20, 28, 36, ...)")
+    seed: int = Field(0, ge=0, description="seed of the residual rotation's random signs")
+
+
 class ModelConfig(Strict):
     """Which model to quantize.
 
@@ -102,6 +112,8 @@ class ModelConfig(Strict):
     source: str = "embedded:smollm2"
     revision: str | None = None
     trust_remote_code: bool = False
+    rotation: RotationConfig = Field(RotationConfig(), description="Hadamard rotation (QuaRot) before quantization, "
+                                     "for every method: {kind: hadamard, seed: 0}; default none")
 
 
 class CalibrationConfig(Strict):

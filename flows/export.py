@@ -30,7 +30,7 @@ def export_root(config: RunConfig) -> str:
 def check_formats(config: RunConfig, model: ModelRef, formats) -> None:
     model_config = model.open().config if formats else None
     for fmt in formats:
-        check_exportable(fmt, config.quantize, model_config)
+        check_exportable(fmt, config.quantize, model_config, rotated=model.rotated)
 
 
 def link(config: RunConfig, fmt: str, path: Path) -> None:

@@ -93,7 +93,8 @@ def quantize_flow(config: RunConfig, run_id: str | None = None) -> dict:
 def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     log = get_run_logger()
     model = prepare_model(config.model, ctx.model_cache)
-    log.info("model %s: %s, %d layers (key %s)", config.model.source, model.family, model.num_layers, model.key[:12])
+    log.info("model %s: %s, %d layers%s (key %s)", config.model.source, model.family, model.num_layers,
+             f", hadamard-rotated (seed {model.rotation.seed})" if model.rotated else "", model.key[:12])
     check_formats(config, model, config.export.formats)  # an unexportable scheme fails before any work
     # A stage whose records are complete is not started at all (no task run): reruns stay cheap.
     calibration = calibration_key(model, config.calibration, config.data_dir)

@@ -22,7 +22,9 @@ def run_status(config: RunConfig) -> list[str]:
         return "missing"
 
     q = config.quantize
-    lines = [f"store {config.store.url}   model {config.model.source} ({p.model.family}, {p.model.num_layers} layers)",
+    rotation = f", hadamard-rotated seed {p.model.rotation.seed}" if p.model.rotated else ""
+    lines = [f"store {config.store.url}   model {config.model.source} ({p.model.family}, {p.model.num_layers} layers"
+             f"{rotation})",
              f"variant {q.method} W{q.bits}" + (f" g{q.group_size}" if q.group_size else "") +
              f" alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}" +
              (f" gptaq_alpha={q.gptaq_alpha}" if q.method == "gptaq" else "") +

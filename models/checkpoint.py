@@ -89,6 +89,9 @@ class Checkpoint:
     def has(self, name: str) -> bool:
         return name in self.weight_map
 
+    def tensor_names(self) -> list[str]:
+        return list(self.weight_map)
+
     def tensor(self, name: str) -> torch.Tensor:
         return self._read([name])[name]
 
@@ -115,3 +118,7 @@ class Checkpoint:
     def input_transforms(self, index: int) -> dict:
         """A checkpoint's linears read their inputs as they are (no online transforms)."""
         return {}
+
+    def fold_input_transforms(self, index: int, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` as a linear reading its untransformed input: here, with no transforms, itself."""
+        return weight

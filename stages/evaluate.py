@@ -15,6 +15,7 @@ from loaq.configs.schema import EvaluationConfig
 from loaq.data.text import c4_validation_label
 from loaq.data.windows import eval_windows
 from loaq.evaluation.perplexity import perplexity
+from loaq.models.layers import add_input_transform
 from loaq.store.keys import stage_key
 
 from .context import StageContext
@@ -90,7 +91,7 @@ def zero_shot_key(ctx: StageContext, model: ModelRef, chain: list[str] | None, c
                      dtype=str(ctx.runtime.dtype))
 
 
-def load_whole(checkpoint, source, dtype: torch.dtype, device: str):
+def load_whole(source, dtype: torch.dtype, device: str):
     """The whole model for lm-eval, built layer by layer from ``source`` (FP or quantized weights).
 
     lm-eval scores a complete ``transformers`` model, so this one stage holds every layer at once
@@ -98,18 +99,25 @@ def load_whole(checkpoint, source, dtype: torch.dtype, device: str):
     """
     from transformers import AutoModelForCausalLM
 
+    # The source's config, not the files': a rotated model's head is no longer tied to its embedding.
+    tied = getattr(source.config, "tie_word_embeddings", False)
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(checkpoint.config, dtype=dtype)
+        model = AutoModelForCausalLM.from_config(source.config, dtype=dtype)
     state = {source.adapter.embed: source.embed_weight(), source.adapter.final_norm: source.final_norm_weight()}
-    if checkpoint.has(source.adapter.lm_head):
+    if not tied:
         state[source.adapter.lm_head] = source.lm_head_weight()
     for index in range(source.num_layers):
         prefix = source.adapter.layer_prefix.format(index=index)
         state.update({prefix + k: v for k, v in source.layer_state(index).items()})
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
+    # Online input transforms (a rotated model's Hadamard on down_proj's input) are not weights.
+    for index in range(source.num_layers):
+        for name, transforms in source.input_transforms(index).items():
+            for transform in transforms:
+                add_input_transform(model.model.layers[index].get_submodule(name), transform)
     # Non-persistent buffers (rotary frequencies) are not in any state dict: build them for real.
     model.model.rotary_emb = source.adapter.resolve("rotary_embedding")(config=model.config).to(device)
-    if getattr(checkpoint.config, "tie_word_embeddings", False):
+    if tied:
         model.tie_weights()
     return model.eval()
 
@@ -125,7 +133,7 @@ def zero_shot_stage(ctx: StageContext, model: ModelRef, chain: list[str] | None,
         rt = ctx.runtime
         checkpoint = model.open()
         source = StoredQuantizedWeights(checkpoint, ctx.store, chain) if chain else checkpoint
-        whole = load_whole(checkpoint, source, rt.dtype, rt.device)
+        whole = load_whole(source, rt.dtype, rt.device)
         results = zero_shot(whole, checkpoint.tokenizer(), list(cfg.zero_shot_tasks), data_dir, cfg.zero_shot_limit)
         with ctx.store.writer(key, kind="eval", attrs={"zero_shot": results, "quantized": chain is not None}) as w:
             w.put("tasks", torch.tensor(len(cfg.zero_shot_tasks)))

@@ -11,6 +11,12 @@ written after the rename: a complete record whose folder is missing (deleted) is
 Export streams like evaluation does: the non-layer tensors (embeddings, final norm, head) from the
 source checkpoint one tensor per shard, then one shard per decoder layer (the source layer's
 tensors with its quantized linears replaced by the stored ones), so memory depends on one layer.
+
+A rotated model (``model.rotation``) is exported rotated: its norms fused, its residual stream
+rotated, its head untied. Its online Hadamard on down_proj's input is not something a plain
+checkpoint can hold, so ``fake_quant`` folds it back into the dequantized down_proj (W H_d^T, exact
+in floating point; that weight is then no longer on the quantization grid), and ``compressed_tensors``
+refuses it: compressed-tensors describes online transforms, but transformers does not load them.
 """
 
 from __future__ import annotations
@@ -62,12 +68,15 @@ def is_exported(ctx: StageContext, key: str, path: Path) -> bool:
     return ctx.store.is_complete(key) and is_complete(path, key)
 
 
-def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None) -> None:
+def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None, rotated: bool = False) -> None:
     """Fail early, in one line naming the field and the fix, for a scheme ``fmt`` cannot hold."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not known; choose from {', '.join(FORMATS)}")
     if fmt != PACKED:
         return
+    if rotated:
+        raise ConfigError(f"export.formats: {PACKED} cannot hold a rotated model's online Hadamard on down_proj's "
+                          f"input (model.rotation.kind=hadamard); export it as {FAKE_QUANT}")
     if cfg.bits == 16:
         raise ConfigError("quantize.bits=16 leaves the weights unquantized, so there is nothing to pack in "
                           f"{PACKED}; export it as {FAKE_QUANT}, or choose quantize.bits between 2 and 8")
@@ -105,7 +114,7 @@ def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str,
     checkpoint = model.open()
     adapter = checkpoint.adapter
     layer_names = _layer_pattern(adapter.layer_prefix)
-    others = [n for n in checkpoint.weight_map if not layer_names.match(n)]
+    others = [n for n in checkpoint.tensor_names() if not layer_names.match(n)]
     records = [ctx.store.open(weights_key(k)) for k in chain]
     bits, group_size, symmetric = (records[0].attrs[a] for a in ("bits", "group_size", "symmetric"))
     if any((r.attrs["bits"], r.attrs["group_size"], r.attrs["symmetric"]) != (bits, group_size, symmetric)
@@ -121,6 +130,10 @@ def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str,
             prefix = adapter.layer_prefix.format(index=index)
             state = checkpoint.layer_state(index)
             linears = record.attrs["linears"]
+            online = checkpoint.input_transforms(index)
+            if fmt == PACKED and online:
+                raise ConfigError(f"layer {index}: {sorted(online)} transform their inputs online, which {PACKED} "
+                                  f"cannot hold; export as {FAKE_QUANT}")
             if fmt == PACKED and set(linears) != set(adapter.linear_names()):
                 raise ConfigError(f"layer {index} quantized {sorted(linears)}, not every linear; "
                                   f"{PACKED} describes all decoder linears with one scheme")
@@ -139,14 +152,18 @@ def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str,
                 else:
                     state[f"{name}.weight"] = q.weight
                     sizes["linear_bytes"] += out_features * in_features * torch_dtype.itemsize
+            for name in online:  # fake_quant: a plain linear reading the untransformed input
+                state[f"{name}.weight"] = checkpoint.fold_input_transforms(index, name, state[f"{name}.weight"])
             writer.shard(cast({prefix + k: v for k, v in state.items()}, torch_dtype))
             failpoint(f"export:{index}:after")
         config_json = json.loads((checkpoint.path / "config.json").read_text())
         config_json.pop("_name_or_path", None)
         config_json["dtype"] = dtype
+        config_json["tie_word_embeddings"] = bool(getattr(checkpoint.config, "tie_word_embeddings", False))
         if "torch_dtype" in config_json:
             config_json["torch_dtype"] = dtype
         attrs = {"format": fmt, "dtype": dtype, "quantized": chain[-1], "model": model.key, "layers": len(chain),
+                 "rotation": model.rotation.model_dump(),
                  "bits": bits, "group_size": group_size, "symmetric": symmetric, **sizes,
                  "linear_ratio_fp16": sizes["linear_bytes"] / max(sizes["linear_fp16_bytes"], 1),
                  "total_bytes": sum(writer.shard_bytes), "shards": writer.n_shards}

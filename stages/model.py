@@ -1,4 +1,8 @@
-"""Stage: resolve the model and derive its identity from its content (weights and config)."""
+"""Stage: resolve the model and derive its identity from its content (weights and config).
+
+A rotated model (``model.rotation``) is another model: its rotation enters the model key, so
+calibration embeddings, the clean stream and every quantized chain are keyed apart from the
+unrotated model's, and ``ModelRef.open`` hands every stage the rotated weights."""
 
 from __future__ import annotations
 
@@ -10,9 +14,12 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NONE
 
-from loaq.configs.schema import ModelConfig
+from loaq.configs.load import ConfigError
+from loaq.configs.schema import ModelConfig, RotationConfig
+from loaq.engine.rotation import RotatedWeights
 from loaq.models.checkpoint import Checkpoint
 from loaq.models.sources import resolve_source
+from loaq.quant.hadamard import HadamardSizeError
 from loaq.store.keys import digest, file_digest, stage_key
 
 MODEL_STAGE_VERSION = 1
@@ -25,9 +32,26 @@ class ModelRef:
     num_layers: int
     family: str
     trust_remote_code: bool = False
+    rotation: RotationConfig = RotationConfig()
 
-    def open(self) -> Checkpoint:
-        return Checkpoint(self.path, trust_remote_code=self.trust_remote_code)
+    def open(self) -> Checkpoint | RotatedWeights:
+        """The model every stage works on: the checkpoint, or the checkpoint rotated."""
+        checkpoint = Checkpoint(self.path, trust_remote_code=self.trust_remote_code)
+        return with_rotation(checkpoint, self.rotation)
+
+    @property
+    def rotated(self) -> bool:
+        return self.rotation.kind != "none"
+
+
+def with_rotation(checkpoint: Checkpoint, rotation: RotationConfig) -> Checkpoint | RotatedWeights:
+    if rotation.kind == "none":
+        return checkpoint
+    try:
+        return RotatedWeights(checkpoint, seed=rotation.seed)
+    except HadamardSizeError as e:
+        raise ConfigError(f"model.rotation.kind={rotation.kind} cannot rotate this model: {e}; "
+                          f"set model.rotation.kind=none") from None
 
 
 class DigestCache:
@@ -73,9 +97,13 @@ def prepare_model(cfg: ModelConfig, model_cache: str) -> ModelRef:
     path = resolve_source(cfg.source, model_cache, revision=cfg.revision, file_digest=lambda p: digests.file(Path(p)))
     checkpoint = Checkpoint(path, trust_remote_code=cfg.trust_remote_code)
     adapter = checkpoint.adapter  # fails early, one line, for an unsupported architecture
+    with_rotation(checkpoint, cfg.rotation)  # and for a size the rotation cannot build
     config = json.loads((checkpoint.path / "config.json").read_text())
     config.pop("transformers_version", None)
     config.pop("_name_or_path", None)
+    # The rotation enters the key only when there is one: unrotated models keep the keys they had.
+    rotation = {"rotation": cfg.rotation} if cfg.rotation.kind != "none" else {}
     key = stage_key("model", MODEL_STAGE_VERSION, weights=digests.files(checkpoint.shard_files()), config=config,
-                    tokenizer=digests.files(tokenizer_files(checkpoint)))
-    return ModelRef(str(checkpoint.path), key, checkpoint.num_layers, adapter.family, cfg.trust_remote_code)
+                    tokenizer=digests.files(tokenizer_files(checkpoint)), **rotation)
+    return ModelRef(str(checkpoint.path), key, checkpoint.num_layers, adapter.family, cfg.trust_remote_code,
+                    cfg.rotation)

@@ -48,7 +48,9 @@ def model_name(config: RunConfig) -> str:
 
 def _header(config: RunConfig, model: ModelRef) -> str:
     c = config.calibration
-    return (f"Model `{config.model.source}` ({model.family}, {model.num_layers} layers); calibration "
+    r = config.model.rotation
+    rotation = f", Hadamard-rotated (seed {r.seed})" if r.kind == "hadamard" else ""
+    return (f"Model `{config.model.source}` ({model.family}, {model.num_layers} layers{rotation}); calibration "
             f"{c.n_samples}x{c.seqlen} C4 tokens (seed {c.seed}).")
 
 

@@ -19,11 +19,11 @@ torch.set_num_threads(1)
 SHARED_DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
-def tiny_config(family: str, layers: int = 2, hidden: int = 64, vocab: int = 512):
+def tiny_config(family: str, layers: int = 2, hidden: int = 64, vocab: int = 512, **extra):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5)
+                  num_key_value_heads=2, vocab_size=vocab, max_position_embeddings=256, rms_norm_eps=1e-5, **extra)
     if family == "llama":
         return LlamaConfig(**common)
     if family == "mistral":
@@ -49,6 +49,18 @@ def tiny_model(family: str, seed: int = 0, **kw):
 
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory):
+    """The embedded SmolLM2: its GGUF file and our per-layer safetensors conversion of it (made once)."""
+    from loaq.models.checkpoint import Checkpoint
+    from loaq.models.gguf_convert import convert_gguf
+    from loaq.models.sources import embedded_gguf
+
+    gguf = embedded_gguf("embedded:smollm2")
+    converted = convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "converted")
+    return gguf, Checkpoint(converted)
 
 
 @pytest.fixture(scope="session")

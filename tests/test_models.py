@@ -8,16 +8,6 @@ import torch.nn.functional as F
 
 from loaq.engine.forward import stream_forward
 from loaq.evaluation.perplexity import final_norm, perplexity
-from loaq.models.checkpoint import Checkpoint
-from loaq.models.gguf_convert import convert_gguf
-from loaq.models.sources import embedded_gguf
-
-
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    gguf = embedded_gguf("embedded:smollm2")
-    converted = convert_gguf(gguf, tmp_path_factory.mktemp("smollm2") / "converted")
-    return gguf, Checkpoint(converted)
 
 
 @pytest.fixture(scope="module")
