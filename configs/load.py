@@ -54,6 +54,8 @@ def describe(error: ValidationError, what: str = "config") -> str:
     field = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
         return f"{what} field {field!r} is not known (misspelled?); value {first.get('input')!r}"
+    if first["type"] == "missing":
+        return f"{what} field {field!r} is required"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
     if not field:  # a check across fields (a model validator) names them in its message
