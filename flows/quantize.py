@@ -148,5 +148,5 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     report = report_stage(ctx, config, model, chain, evals, zero_shot,
                           baseline_chains(embedding, config.quantize, model.num_layers))
     exports = export_models(ctx, config, model, chain, config.export.formats)
-    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "zero_shot": zero_shot, "report": report,
-            "exports": exports}
+    return {"run_id": ctx.run_id, "chain": chain[-1], "weights": [weights_key(k) for k in chain], "evals": evals,
+            "zero_shot": zero_shot, "report": report, "exports": exports}

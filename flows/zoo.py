@@ -13,9 +13,11 @@ models share no record, so their children run at the same time: in this process 
 on its work pool, taken by whichever workers (hosts) are free, all writing the same store URL.
 
 Outcomes travel through the store, not through Prefect results: each member logs one ``zoo-member``
-event under the run id the parent gave it (``computed`` with its wall time, or ``failed`` with its
-one-line reason), so the parent reports members that ran on other hosts without shared result
-storage. One member failing does not stop the others: its child goes on with the next setting.
+event under the run id the parent gave it (``computed`` with its wall time and the keys of its
+weights and evaluations, or ``failed`` with its one-line reason). So the parent reports members
+that ran on other hosts without shared result storage, and without the models themselves (it
+never opens a checkpoint). One member failing does not stop the others: its child goes on with
+the next setting.
 
 Locking: the parent holds the store's ``run`` lock for the whole zoo, so no ``loaq run`` or
 ``loaq gc`` writes or deletes on that store meanwhile; children started by the zoo are its
@@ -35,7 +37,6 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from loaq.configs.schema import RunConfig
 from loaq.configs.zoo import load_zoo
-from loaq.flows.plan import plan
 from loaq.flows.quantize import open_context, open_store, quantize_flow
 from loaq.stages.report import variant_label
 from loaq.stages.zoo_report import ZOO_MEMBER_STAGE, zoo_report_stage
@@ -63,7 +64,7 @@ def failure_reason(exc: BaseException) -> str:
 
 @flow(name="loaq-zoo-model")
 def zoo_model_flow(configs: list[RunConfig], run_ids: list[str], parent_holds_lock: bool = False) -> list[str]:
-    """Run one model's members in order, each to its end or its failure; returns the failed names.
+    """Run one model's members in order, each to its end or its failure; returns their names.
 
     The flow run fails (after every member had its turn) when a member failed, so the UI shows it."""
     log = get_run_logger()
@@ -73,7 +74,7 @@ def zoo_model_flow(configs: list[RunConfig], run_ids: list[str], parent_holds_lo
         for config, run_id in zip(configs, run_ids, strict=True):
             started = time.perf_counter()
             try:
-                quantize_flow.with_options(flow_run_name=config.name)(config, run_id=run_id, take_lock=False)
+                result = quantize_flow.with_options(flow_run_name=config.name)(config, run_id=run_id, take_lock=False)
             except Exception as e:  # noqa: BLE001 - a member's failure is recorded; the next member runs
                 reason = failure_reason(e)
                 log.error("zoo member %s failed: %s", config.name, reason)
@@ -82,10 +83,11 @@ def zoo_model_flow(configs: list[RunConfig], run_ids: list[str], parent_holds_lo
                 failed.append(config.name)
             else:
                 store.log_event(run_id, ZOO_MEMBER_STAGE, config.name, "computed",
-                                seconds=time.perf_counter() - started)
+                                seconds=time.perf_counter() - started,
+                                result={k: result[k] for k in ("weights", "evals", "zero_shot")})
     if failed:
         raise RuntimeError(f"{len(failed)} of {len(configs)} members failed: {', '.join(failed)}")
-    return failed
+    return [config.name for config in configs]
 
 
 @task(name="zoo-model", cache_policy=NONE)
@@ -102,13 +104,10 @@ def run_model_group(label: str, configs: list[RunConfig], run_ids: list[str], de
                            f"{run.state.name if run.state else 'without a state'}: {run.state.message if run.state else ''}")
 
 
-def member_outcome(store, run_id: str, name: str) -> tuple[str, str | None, float | None]:
-    """(status, reason, seconds) from the member's ``zoo-member`` event; no event: it never finished."""
+def member_outcome(store, run_id: str, name: str) -> dict | None:
+    """The member's ``zoo-member`` event, or None if it never finished."""
     events = [e for e in store.events(run_id) if e["stage"] == ZOO_MEMBER_STAGE and e["key"] == name]
-    if not events:
-        return "failed", None, None
-    last = events[-1]
-    return ("completed" if last["action"] == "computed" else "failed"), last.get("detail"), last["seconds"]
+    return events[-1] if events else None
 
 
 @flow(name="loaq-zoo")
@@ -140,14 +139,15 @@ def zoo_flow(config: str = "zoo", overrides: list[str] | None = None, member_dep
     entries, failures = [], []
     for (label, members), ids in zip(groups, run_ids):
         for member, run_id in zip(members, ids):
-            status, reason, seconds = member_outcome(ctx.store, run_id, member.name)
+            event = member_outcome(ctx.store, run_id, member.name)
             entry = {"model": label, "setting": variant_label(member.quantize, True), "name": member.name,
-                     "run_id": run_id, "status": status, "error": reason, "seconds": seconds}
-            if status == "completed":
-                p = plan(ctx, member)
-                entry.update(weights=p.weights, evals=p.evals, zero_shot=p.zero_shot)
+                     "run_id": run_id, "status": "failed", "error": None, "seconds": None}
+            if event is not None and event["action"] == "computed":
+                entry.update(status="completed", seconds=event["seconds"], **event["result"])
             else:
-                entry["error"] = reason or f"did not finish ({group_errors.get(label, 'no outcome recorded')})"
+                entry["error"] = (event["detail"] if event is not None else
+                                  f"did not finish ({group_errors.get(label, 'no outcome recorded')})")
+                entry["seconds"] = event and event["seconds"]
                 failures.append((member.name, entry["error"]))
             entries.append(entry)
     report = zoo_report_stage(ctx, zoo.name, zoo.report_dir, entries)

@@ -4,10 +4,12 @@ One append-only JSON Lines file per run, ``<root>/events/<run_id>.jsonl``; one l
 execution::
 
     {"time": ISO-8601 UTC, "run_id", "stage", "key", "action": "computed"|"reused"|"failed",
-     "seconds": float|null, "nbytes": int|null, "detail": str|null, "pid", "host"}
+     "seconds": float|null, "nbytes": int|null, "detail": str|null, "result": object|null,
+     "pid", "host"}
 
-``failed`` (with the reason in ``detail``) is how a unit of work run elsewhere, such as a zoo
-member on another worker, tells whoever reads the store why it did not finish.
+``detail`` (the reason of a failure) and ``result`` (JSON, e.g. the store keys a unit of work
+produced) are how work run elsewhere, such as a zoo member on another worker, tells whoever
+reads the store how it ended, without sharing anything but the store.
 
 This is how a test (or a user) checks that a second identical run recomputed nothing, or that a
 variant reused the shared prefix of a chain. Locally each event is one ``write`` of one line on
@@ -51,6 +53,7 @@ class EventLog:
         seconds: float | None = None,
         nbytes: int | None = None,
         detail: str | None = None,
+        result: Any = None,
     ) -> dict[str, Any]:
         check_name(run_id, "run id")
         if action not in ACTIONS:
@@ -64,6 +67,7 @@ class EventLog:
             "seconds": None if seconds is None else float(seconds),
             "nbytes": None if nbytes is None else int(nbytes),
             "detail": None if detail is None else str(detail),
+            "result": result,
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }

@@ -95,6 +95,9 @@ def test_zoo_deployment_runs_every_member_on_the_pool_computing_shared_stages_on
     assert sorted((c["name"], c["state"]["type"]) for c in children) == [
         ("tinyzoo-llama", "COMPLETED"), ("tinyzoo-qwen2", "COMPLETED")]
     assert all(c["work_pool_name"] == POOL for c in children)
+    (a_start, a_end), (b_start, b_end) = [(datetime.fromisoformat(c["start_time"]), datetime.fromisoformat(c["end_time"]))
+                                          for c in children]
+    assert a_start < b_end and b_start < a_end, "the two models did not run at the same time"
 
     report_dir = tmp_path / "runs" / "tinyzoo-zoo"
     report = json.loads((report_dir / "report.json").read_text())
