@@ -99,9 +99,10 @@ def run_model_group(label: str, configs: list[RunConfig], run_ids: list[str], de
     run = run_deployment(deployment, parameters={"configs": [c.model_dump(mode="json") for c in configs],
                                                  "run_ids": run_ids, "parent_holds_lock": True},
                          flow_run_name=label, timeout=None, poll_interval=DEPLOYMENT_POLL_SECONDS)
-    if run.state is None or not run.state.is_completed():
-        raise RuntimeError(f"flow run {run.name} of {deployment} ended "
-                           f"{run.state.name if run.state else 'without a state'}: {run.state.message if run.state else ''}")
+    state = run.state
+    if state is None or not state.is_completed():
+        raise RuntimeError(f"flow run {run.name} of {deployment} ended {state.name if state else 'without a state'}"
+                           + (f": {state.message}" if state and state.message else ""))
 
 
 def member_outcome(store, run_id: str, name: str) -> dict | None:
@@ -147,7 +148,7 @@ def zoo_flow(config: str = "zoo", overrides: list[str] | None = None, member_dep
             else:
                 entry["error"] = (event["detail"] if event is not None else
                                   f"did not finish ({group_errors.get(label, 'no outcome recorded')})")
-                entry["seconds"] = event and event["seconds"]
+                entry["seconds"] = event["seconds"] if event is not None else None
                 failures.append((member.name, entry["error"]))
             entries.append(entry)
     report = zoo_report_stage(ctx, zoo.name, zoo.report_dir, entries)
