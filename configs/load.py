@@ -13,23 +13,26 @@ from pydantic import ValidationError
 from .schema import RunConfig
 
 PRESETS_DIR = Path(__file__).parent
+#: Presets whose name starts with this are zoo configs (``loaq zoo``), not run configs.
+ZOO_PREFIX = "zoo"
 
 
 class ConfigError(ValueError):
     pass
 
 
-def preset_path(name_or_path: str | None) -> Path:
+def preset_path(name_or_path: str | None, zoo: bool = False) -> Path:
+    """The file ``name_or_path`` names: a path, or a run preset (a zoo preset if ``zoo``) in configs/."""
     if name_or_path is None:
-        return PRESETS_DIR / "default.yaml"
+        return PRESETS_DIR / ("zoo.yaml" if zoo else "default.yaml")
     path = Path(name_or_path)
     if path.is_file():
         return path
-    preset = PRESETS_DIR / f"{name_or_path}.yaml"
-    if preset.is_file():
-        return preset
-    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-    raise ConfigError(f"config {name_or_path!r} is neither a file nor a preset (presets: {', '.join(names)})")
+    names = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml") if p.stem.startswith(ZOO_PREFIX) == zoo)
+    if name_or_path in names:
+        return PRESETS_DIR / f"{name_or_path}.yaml"
+    raise ConfigError(f"{'zoo ' if zoo else ''}config {name_or_path!r} is neither a file nor a preset "
+                      f"(presets: {', '.join(names)})")
 
 
 def apply_override(data: dict, assignment: str) -> None:
@@ -46,18 +49,22 @@ def apply_override(data: dict, assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def describe(error: ValidationError) -> str:
+def describe(error: ValidationError, what: str = "config") -> str:
     first = error.errors()[0]
     field = ".".join(str(p) for p in first["loc"])
     if first["type"] == "extra_forbidden":
-        return f"config field {field!r} is not known (misspelled?); value {first.get('input')!r}"
+        return f"{what} field {field!r} is not known (misspelled?); value {first.get('input')!r}"
+    if first["type"] == "missing":
+        return f"{what} field {field!r} is required"
     msg = first["msg"].removeprefix("Value error, ")
     more = f" (and {len(error.errors()) - 1} more)" if len(error.errors()) > 1 else ""
-    return f"config field {field!r} = {first.get('input')!r}: {msg}{more}"
+    if not field:  # a check across fields (a model validator) names them in its message
+        return f"{what}: {msg}{more}"
+    return f"{what} field {field!r} = {first.get('input')!r}: {msg}{more}"
 
 
-def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    path = preset_path(name_or_path)
+def read_yaml(path: Path, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """The mapping in YAML file ``path`` with ``--set`` overrides applied."""
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
@@ -66,6 +73,11 @@ def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[st
         raise ConfigError(f"config {path}: expected a mapping of fields at the top level")
     for assignment in overrides:
         apply_override(data, assignment)
+    return data
+
+
+def load_config(name_or_path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    data = read_yaml(preset_path(name_or_path), overrides)
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:

@@ -14,6 +14,7 @@ former and recomputes from the first layer that is not complete.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 
@@ -76,11 +77,14 @@ MAX_CORRUPTION_REPAIRS = 8
 
 
 @flow(name="loaq-quantize", log_prints=True)
-def quantize_flow(config: RunConfig, run_id: str | None = None) -> dict:
-    """Quantize, evaluate and report; a corrupt record met on the way is unmarked and recomputed."""
+def quantize_flow(config: RunConfig, run_id: str | None = None, take_lock: bool = True) -> dict:
+    """Quantize, evaluate and report; a corrupt record met on the way is unmarked and recomputed.
+
+    ``take_lock=False`` is for a caller that holds the store's run lock for this run (the zoo).
+    """
     log = get_run_logger()
     ctx = open_context(config, run_id)
-    with ctx.store.lock("run", timeout=0.0):
+    with ctx.store.lock("run", timeout=0.0) if take_lock else contextlib.nullcontext():
         for _ in range(MAX_CORRUPTION_REPAIRS):
             try:
                 return _pipeline(ctx, config)
@@ -145,5 +149,5 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     report = report_stage(ctx, config, model, chain, evals, zero_shot,
                           baseline_chains(embedding, config.quantize, model.num_layers))
     exports = export_models(ctx, config, model, chain, config.export.formats)
-    return {"run_id": ctx.run_id, "chain": chain[-1], "evals": evals, "zero_shot": zero_shot, "report": report,
-            "exports": exports}
+    return {"run_id": ctx.run_id, "chain": chain[-1], "weights": [weights_key(k) for k in chain], "evals": evals,
+            "zero_shot": zero_shot, "report": report, "exports": exports}

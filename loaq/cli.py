@@ -7,8 +7,10 @@
     loaq gc [CONFIG]                          apply the retention policy to the store
     loaq report [CONFIG] [sweep options]      rebuild report.md/json/plots from the store alone
     loaq export [CONFIG] [--format F ...]     write the quantized run as Hugging Face checkpoints
+    loaq zoo [ZOO] [--deployment NAME]        models x settings as one Prefect flow, then the zoo report
 
-CONFIG is a YAML file or a preset name from the package's configs/ (default, paper).
+CONFIG is a YAML file or a preset name from the package's configs/ (default, paper); ZOO a zoo
+config file or zoo preset (zoo).
 """
 
 from __future__ import annotations
@@ -69,6 +71,14 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--format", dest="formats", action="append", default=[],
                         choices=["fake_quant", "compressed_tensors"],
                         help="checkpoint format (repeatable; default: export.formats of the config, else both)")
+    zoo = sub.add_parser("zoo", help="quantize a zoo of models x settings on one store as one Prefect flow, "
+                                     "then write the zoo report")
+    zoo.add_argument("config", nargs="?", default=None, help="zoo YAML file or zoo preset (default: zoo)")
+    zoo.add_argument("--set", dest="overrides", action="append", default=[], metavar="FIELD=VALUE",
+                     help="override a zoo config field, e.g. --set concurrency=1 (repeatable)")
+    zoo.add_argument("--deployment", default=None, metavar="FLOW/DEPLOYMENT",
+                     help="run each model's members as a flow run of this deployment (e.g. loaq-zoo-model/zoo-model) "
+                          "on its work pool, instead of in this process")
     return p
 
 
@@ -79,8 +89,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from loaq.configs.load import load_config
+        from loaq.configs.zoo import load_zoo
 
-        config = load_config(args.config, args.overrides)
+        # Checked here, before any flow starts, so a bad field is one line and nothing runs.
+        config = (load_zoo if args.command == "zoo" else load_config)(args.config, args.overrides)
         from loaq import commands
 
         return int(getattr(commands, args.command)(config, args) or 0)

@@ -97,4 +97,26 @@ def export(config: RunConfig, args) -> int:
     return 0
 
 
-__all__ = ["run", "sweep", "status", "gc", "report", "export"]
+def zoo(config, args) -> int:
+    """The zoo flow in this process; the table, then (exit 1) one line per failed member."""
+    import sys
+
+    from loaq.flows.zoo import ZooFailed, zoo_flow
+
+    try:
+        result = zoo_flow(args.config or "zoo", args.overrides, args.deployment)
+        report, failures = result["report"], []
+    except ZooFailed as e:
+        report, failures = e.report, e.failures
+    with open(f"{report}/report.md") as f:
+        print("\n".join(line for line in f.read().splitlines() if line.startswith("|")))
+    print(f"report: {report}/report.md")
+    if failures:
+        print(f"loaq: zoo: {len(failures)} member(s) failed:", file=sys.stderr)
+        for name, reason in failures:
+            print(f"  {name}: {reason}", file=sys.stderr)
+        return 1
+    return 0
+
+
+__all__ = ["run", "sweep", "status", "gc", "report", "export", "zoo"]

@@ -1,10 +1,15 @@
-"""The execution log: what each run computed and what it reused.
+"""The execution log: what each run computed, what it reused, and what failed.
 
 One append-only JSON Lines file per run, ``<root>/events/<run_id>.jsonl``; one line per stage
 execution::
 
-    {"time": ISO-8601 UTC, "run_id", "stage", "key", "action": "computed"|"reused",
-     "seconds": float|null, "nbytes": int|null, "pid", "host"}
+    {"time": ISO-8601 UTC, "run_id", "stage", "key", "action": "computed"|"reused"|"failed",
+     "seconds": float|null, "nbytes": int|null, "detail": str|null, "result": object|null,
+     "pid", "host"}
+
+``detail`` (the reason of a failure) and ``result`` (JSON, e.g. the store keys a unit of work
+produced) are how work run elsewhere, such as a zoo member on another worker, tells whoever
+reads the store how it ended, without sharing anything but the store.
 
 This is how a test (or a user) checks that a second identical run recomputed nothing, or that a
 variant reused the shared prefix of a chain. Locally each event is one ``write`` of one line on
@@ -28,7 +33,7 @@ from .layout import EVENTS_DIR, check_name
 log = logging.getLogger(__name__)
 
 #: What a stage did with its record.
-ACTIONS = ("computed", "reused")
+ACTIONS = ("computed", "reused", "failed")
 
 
 class EventLog:
@@ -47,6 +52,8 @@ class EventLog:
         *,
         seconds: float | None = None,
         nbytes: int | None = None,
+        detail: str | None = None,
+        result: Any = None,
     ) -> dict[str, Any]:
         check_name(run_id, "run id")
         if action not in ACTIONS:
@@ -59,6 +66,8 @@ class EventLog:
             "action": action,
             "seconds": None if seconds is None else float(seconds),
             "nbytes": None if nbytes is None else int(nbytes),
+            "detail": None if detail is None else str(detail),
+            "result": result,
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }

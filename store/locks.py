@@ -14,7 +14,10 @@ Consistency model
 * Two writers never share a directory: the key is the directory. Within a process a second
   writer of the same key fails fast (``RecordBusy``); across processes the run lock keeps
   runs apart. No per-record file locks are used: records of distinct keys are independent,
-  and within a run the orchestrator decides who computes what.
+  and within a run the orchestrator decides who computes what. A zoo (``loaq.flows.zoo``) is
+  one such orchestrator over several processes or hosts: it holds the run lock for all its
+  members, which do not take it, and gives each record one writer (a model's members run in
+  order in one child; different models share no key).
 * Local stores: the lock is a real ``flock`` (via ``filelock``) on ``<root>/locks/<name>.lock``;
   the kernel releases it when the holder dies, so there are no stale locks. ``flock`` is
   reliable on local disks; on NFS/Lustre it depends on the mount (use a local store, or accept
@@ -23,7 +26,9 @@ Consistency model
   *advisory*: the info file itself is the lock, checked then written (two processes starting
   within one round trip may both get it). A holder that died leaves a stale info file; it is
   taken over automatically when its pid is known dead on this same host, and otherwise must be
-  removed by hand (``<root>/locks/<name>.json``).
+  removed by hand (``<root>/locks/<name>.json``). Where runs on one object store are started
+  by a scheduler, let it serialise them (the deployments in prefect.yaml have a concurrency
+  limit of 1, enforced by the Prefect server) rather than rely on this lock.
 """
 
 from __future__ import annotations

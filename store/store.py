@@ -213,9 +213,13 @@ class Store:
         *,
         seconds: float | None = None,
         nbytes: int | None = None,
+        detail: str | None = None,
+        result: Any = None,
     ) -> dict[str, Any]:
-        """Append one event (``action`` "computed" or "reused") to run ``run_id``'s log."""
-        return self._events.append(run_id, stage, key, action, seconds=seconds, nbytes=nbytes)
+        """Append one event (``action`` "computed", "reused" or "failed") to run ``run_id``'s log;
+        ``detail``: why it failed, ``result``: anything JSON-able a reader of the log needs."""
+        return self._events.append(run_id, stage, key, action, seconds=seconds, nbytes=nbytes, detail=detail,
+                                   result=result)
 
     def events(self, run_id: str | None = None) -> list[dict[str, Any]]:
         """The events of run ``run_id`` (of all runs if None), in the order they were logged."""

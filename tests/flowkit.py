@@ -48,6 +48,38 @@ def write_config(path: Path, checkpoint: Path, store: Path, data_dir: str, **qua
     return path
 
 
+def write_zoo(path: Path, models: dict[str, Path], store: Path, data_dir: str, settings: list[dict],
+              **extra) -> Path:
+    """A zoo of the tiny checkpoints ``models`` (name -> folder) with the run config's tiny protocol."""
+    config = {
+        "name": "tinyzoo",
+        "models": [{"name": name, "source": str(folder)} for name, folder in models.items()],
+        "settings": settings,
+        "data_dir": data_dir,
+        "calibration": {"n_samples": 4, "seqlen": 64},
+        "evaluation": {"seqlen": 64, "max_windows": 3},
+        "runtime": {"threads": 1, "micro_batch": 2},
+        "store": {"url": str(store), "keep_quant_states": "last"},
+        "report_dir": str(store.parent / "runs"),
+        **extra,
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def computed_stages(store_url: Path, run_ids: list[str]) -> dict[tuple[str, str], int]:
+    """How many times each (stage, key) was computed over the runs ``run_ids`` of one store."""
+    from loaq.store import Store
+
+    store = Store(str(store_url))
+    counts: dict[tuple[str, str], int] = {}
+    for run in run_ids:
+        for e in store.events(run):
+            if e["action"] == "computed":
+                counts[(e["stage"], e["key"])] = counts.get((e["stage"], e["key"]), 0) + 1
+    return counts
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``loaq`` in its own session; afterwards end whatever it left behind (a SIGKILLed run
     leaves Prefect's ephemeral API server orphaned, holding the output pipes open)."""

@@ -398,6 +398,10 @@ def test_events_per_run(tmp_path):
     assert len(store.events()) == 6 and store.events("never-ran") == []
     with pytest.raises(ValueError):
         store.log_event("run-1", "clean_layer", keys[0], "skipped")
+    store.log_event("run-3", "zoo-member", "tiny-gptq-w4", "failed", seconds=1.5, detail="unsupported architecture")
+    (failed,) = store.events("run-3")
+    assert (failed["action"], failed["detail"], failed["seconds"]) == ("failed", "unsupported architecture", 1.5)
+    assert first[0]["detail"] is None
 
 
 # -- retention ----------------------------------------------------------------------------------
