@@ -62,7 +62,10 @@ class Variant:
 
 
 # Named settings: config overrides that combine with every method.
-SETTINGS: dict[str, tuple[str, ...]] = {"": ()}
+SETTINGS: dict[str, tuple[str, ...]] = {
+    "": (),
+    "hadamard": ("model.rotation.kind=hadamard",),  # QuaRot rotation of the residual stream and down_proj input
+}
 
 _METHODS = ("gptq", "rtn", "loaq", "gptaq", "qronos", "lloa", "lloa_soa")
 
@@ -89,10 +92,12 @@ GRIDS: dict[str, list[Variant]] = {
     # Zero-shot accuracy (run with evaluation.zero_shot_tasks set) for the widths where the models
     # still answer better than chance.
     "zeroshot": _rows(("gptq", "loaq"), (4, 3)),
+    # The paper's other settings (its Tables 2-4): rotation, grid initialisation, weight-and-activation.
+    "settings": [v for s in ("hadamard",) for v in _rows(("gptq", "loaq", "gptaq", "qronos"), (3, 2), setting=s)],
 }
 
 # Grids whose table is written next to, not over, the main quality table.
-SEPARATE_TABLES = {"baselines", "bench", "zeroshot"}
+SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings"}
 
 
 def commit() -> str:
