@@ -43,6 +43,11 @@ class QuantizeConfig(Strict):
     symmetric: bool = False
     group_size: int | None = Field(None, description="None: one scale per output channel")
     mse_clip: bool = Field(False, description="grid-search a clipping ratio per row on MSE (GPTQ's --mse)")
+    grid_init: Literal["minmax", "neuqi"] = Field(
+        "minmax", description="initialisation of each row's (or group's) scale and zero point: minmax (the "
+        "range, integer zero point) or neuqi (NeUQI, arXiv 2505.17595: scale grid search and a real-valued zero "
+        "point minimising the Hessian-diagonal-weighted error; with symmetric, the scale only). A real zero "
+        "point exports as fake_quant only")
     act_order: bool = Field(False, description="GPTQ desc_act: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = Field(True, description="with act_order and groups: fit group scales up front")
     percdamp: float = Field(0.01, gt=0, le=1, description="damping lambda = percdamp * mean(diag H)")
@@ -60,6 +65,13 @@ class QuantizeConfig(Strict):
     def _bits(cls, v: int) -> int:
         if not (2 <= v <= 8 or v == 16):
             raise ValueError("must be between 2 and 8 (or 16 for an unquantized sanity run)")
+        return v
+
+    @field_validator("grid_init")
+    @classmethod
+    def _grid_init(cls, v: str, info) -> str:
+        if v == "neuqi" and info.data.get("mse_clip"):
+            raise ValueError("neuqi searches the grid itself; it cannot be combined with quantize.mse_clip=true")
         return v
 
     @field_validator("group_size")

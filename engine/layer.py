@@ -72,7 +72,8 @@ def take_rows(q: QuantizedWeight, start: int, stop: int) -> QuantizedWeight:
 
 
 def quant_spec(cfg: QuantizeConfig) -> QuantSpec:
-    return QuantSpec(bits=cfg.bits, symmetric=cfg.symmetric, group_size=cfg.group_size, mse_clip=cfg.mse_clip)
+    return QuantSpec(bits=cfg.bits, symmetric=cfg.symmetric, group_size=cfg.group_size, mse_clip=cfg.mse_clip,
+                     grid_init=cfg.grid_init)
 
 
 def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float) -> tuple[QuantizedWeight, dict]:
@@ -80,7 +81,9 @@ def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float
     (GPTAQ and Qronos: their own solvers on the same damped H and C)."""
     spec = quant_spec(cfg)
     if cfg.method == "rtn":
-        return rtn(W, spec), {}
+        # NeUQI weighs the grid's error by the damped Hessian's diagonal, as it does under GPTQ.
+        importance = damp_hessian(stats.H, cfg.percdamp, overwrite=True).H.diagonal() if spec.uses_importance else None
+        return rtn(W, spec, importance), {}
     # The accumulator is not needed after this: it becomes the damped H in place (memory: the
     # largest tensor of a layer, 6.6 GB in float64 for a 70B down_proj).
     hessian = damp_hessian(stats.H, cfg.percdamp, overwrite=True)
@@ -178,7 +181,7 @@ class LayerQuantizer:
         alpha_in, alpha_out, beta = cfg.alphas_beta()
         _, _, noa = cfg.terms
         use_clean = clean is not None and cfg.needs_clean_stream()
-        gather = cfg.method != "rtn"
+        gather = cfg.method != "rtn" or quant_spec(cfg).uses_importance  # RTN needs no statistics but NeUQI's
 
         # W_in: H = X_hat^T X_hat, C = X_hat^T (X - X_hat) with X = Norm(h). Norms are not
         # quantized, so the quantized layer's norm serves both streams.
@@ -297,7 +300,7 @@ class LayerQuantizer:
             clean = CleanStream(h, dict(zip(names, outs)))
         else:
             clean = None
-        if self.cfg.method != "rtn":
+        if self.cfg.method != "rtn" or quant_spec(self.cfg).uses_importance:
             (hq_in,) = self._in_memory([hq_in])
         hq_mid = MemoryArray(shape=hq_in.shape, dtype=self.dtype)
         first, second = self.adapter.sublayers

@@ -175,6 +175,8 @@ def pack_linear(q, symmetric: bool, scale_dtype: torch.dtype, scheme=None) -> di
     if symmetric:
         if not torch.all(q.zeros == half):
             raise UnpackableScheme(f"a symmetric grid must have zero point {half}")
+    elif not torch.equal(q.zeros, q.zeros.round()):
+        raise UnpackableScheme("zero points are not integers (a NeUQI grid)")
     else:
         state["weight_zero_point"] = (q.zeros - half).to(torch.int8)
     packed = PackedQuantizationCompressor.compress(state, scheme or packed_scheme(q.bits, q.group_size, symmetric))

@@ -16,6 +16,9 @@ Differences from the reference implementation (IST-DASLab/gptq), all deliberate:
   When groups are aligned to blocks (e.g. 128/128) both are the same.
 * U comes from DampedHessian.inverse_cholesky_upper (one Cholesky of the reversed-order H and a
   triangular inverse) rather than Cholesky → cholesky_inverse → Cholesky; same U.
+* NeUQI grids (``spec.grid_init``) weigh each column's error by the damped Hessian's diagonal, the
+  same H the solver minimises against; a dynamic group sees the diagonal of its columns as they are
+  processed (after act-order).
 * On CPU the column-by-column part runs on one thread (see ``_single_threaded_if_cpu``).
 * ``loss`` is the exact damped objective tr((Q − W)H(Q − W)ᵀ) = Σ ((w − q)/U_jj)², not half of it:
   the LDLQ update makes W − Q = E·U with E the scaled errors, and U H Uᵀ = I, so this sum is
@@ -152,6 +155,11 @@ def gptq(
     if order is None:
         order = column_order(hessian, act_order)
     perm = order.perm.to(device)
+    # NeUQI weighs each column's squared error by diag(H), the damped H this solve minimises against.
+    importance = hessian.H.diagonal().to(device) if spec.uses_importance else None
+
+    def columns_importance(columns: torch.Tensor | slice) -> torch.Tensor | None:
+        return None if importance is None else importance[columns]
 
     scales = torch.empty(n_out, n_groups, dtype=work_dtype, device=device)
     zeros = torch.empty_like(scales)
@@ -161,7 +169,8 @@ def gptq(
     else:
         # grids fixed before any feedback, on the original column order
         for g in range(n_groups):
-            scale, zero = fit_scale_zero(W[:, g * group_size:(g + 1) * group_size], spec)
+            columns = slice(g * group_size, (g + 1) * group_size)
+            scale, zero = fit_scale_zero(W[:, columns], spec, columns_importance(columns))
             scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
         group_at_position = perm // group_size
 
@@ -195,7 +204,7 @@ def gptq(
                         if A is not None:
                             beyond += A[i1:j, i2:end].T @ pre_block[:i]
                         group_cols = torch.cat([group_cols, beyond], dim=0)
-                    scale, zero = fit_scale_zero(group_cols.T, spec)
+                    scale, zero = fit_scale_zero(group_cols.T, spec, columns_importance(perm[j:end]))
                     scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
                 if g != current_group:
                     scale_g, zero_g = scales[:, g], zeros[:, g]  # (out,)

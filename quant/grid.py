@@ -1,9 +1,11 @@
 """Uniform integer quantization grid: specification, parameter fitting, (de)quantization.
 
-A weight row ``w`` is mapped to integer codes ``c = clamp(round(w / scale) + zero, 0, maxq)`` with
-``maxq = 2**bits - 1`` and reconstructed as ``scale * (c - zero)``. Zero points are always integers
+A weight row ``w`` is mapped to integer codes ``c = clamp(round(w / scale + zero), 0, maxq)`` with
+``maxq = 2**bits - 1`` and reconstructed as ``scale * (c - zero)``. Min-max zero points are integers
 (stored as integer-valued floats so that dequantization is one fused expression); this is what the
-GPTQ / compressed-tensors export formats expect.
+GPTQ / compressed-tensors export formats expect. NeUQI (``grid_init="neuqi"``, quant/neuqi.py) fits
+real zero points: codes are still integers in [0, maxq] and dequantization is the same expression,
+but such a grid has no integer zero point to export (only the dequantized weight can be).
 """
 
 from __future__ import annotations
@@ -12,10 +14,13 @@ from dataclasses import dataclass
 
 import torch
 
+from .neuqi import neuqi_grid
+
 # 16 bits is accepted as "do not quantize": the 16-bit sanity runs of the pipeline must give the
 # unquantized model back through the very same code path.
 NOOP_BITS = 16
 _SUPPORTED_BITS = frozenset(range(2, 9)) | {NOOP_BITS}
+GRID_INITS = ("minmax", "neuqi")
 
 
 @dataclass(frozen=True)
@@ -28,6 +33,9 @@ class QuantSpec:
     mse_clip: search a shrink factor of the min-max range per row (the GPTQ reference's ``mse``
         option) minimising ``sum |q(w) - w| ** clip_norm``; ``clip_grid`` steps of ``1/clip_grid``,
         shrinking at most by ``clip_max_shrink``.
+    grid_init: how (scale, zero) are initialised: ``minmax`` (the row's range, integer zero point) or
+        ``neuqi`` (quant/neuqi.py: scale searched on ``neuqi_coarse`` then ``neuqi_fine`` steps of the
+        min-max scale, real zero point minimising the importance-weighted squared error).
     """
 
     bits: int
@@ -37,6 +45,9 @@ class QuantSpec:
     clip_grid: int = 100
     clip_max_shrink: float = 0.8
     clip_norm: float = 2.4
+    grid_init: str = "minmax"
+    neuqi_coarse: int = 64
+    neuqi_fine: int = 2048
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in _SUPPORTED_BITS:
@@ -51,6 +62,14 @@ class QuantSpec:
             raise ValueError(f"QuantSpec.clip_max_shrink must be in [0, 1), got {self.clip_max_shrink!r}")
         if not self.clip_norm > 0.0:
             raise ValueError(f"QuantSpec.clip_norm must be > 0, got {self.clip_norm!r}")
+        if self.grid_init not in GRID_INITS:
+            raise ValueError(f"QuantSpec.grid_init must be one of {GRID_INITS}, got {self.grid_init!r}")
+        if self.grid_init == "neuqi" and self.mse_clip:
+            raise ValueError("QuantSpec.mse_clip and grid_init='neuqi' both search the grid; choose one")
+        if not (isinstance(self.neuqi_coarse, int) and isinstance(self.neuqi_fine, int)
+                and 1 <= self.neuqi_coarse <= self.neuqi_fine):
+            raise ValueError(f"QuantSpec.neuqi_coarse, neuqi_fine must be ints with 1 <= coarse <= fine, "
+                             f"got {self.neuqi_coarse!r}, {self.neuqi_fine!r}")
 
     @property
     def maxq(self) -> int:
@@ -61,13 +80,25 @@ class QuantSpec:
     def is_noop(self) -> bool:
         return self.bits == NOOP_BITS
 
+    @property
+    def uses_importance(self) -> bool:
+        """Whether fitting the grid weighs columns by an importance (NeUQI: the Hessian diagonal)."""
+        return self.grid_init == "neuqi" and not self.is_noop
+
+
+def _rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """clamp(round(w / scale + zero), 0, maxq) as floats. The zero point's integer part is added after
+    rounding: for an integer zero point this is exactly round(w / scale) + zero, whereas adding it
+    before rounding could move a value by one ulp onto a rounding tie."""
+    whole = torch.floor(zero)
+    return torch.clamp(torch.round(w / scale + (zero - whole)) + whole, 0, maxq)
+
 
 def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Integer codes in [0, maxq] as uint8 (maxq <= 255). ``scale``/``zero`` broadcast against ``w``."""
     if maxq > 255:
         raise ValueError(f"codes are stored as uint8, maxq={maxq} does not fit")
-    codes = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    return codes.to(torch.uint8)
+    return _rounded(w, scale, zero, maxq).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -77,16 +108,18 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> 
 
 def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
     """Quantize and dequantize in one go; bit-identical to ``dequantize(quantize_codes(...))``."""
-    codes = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    return scale * (codes - zero)
+    return scale * (_rounded(w, scale, zero, maxq) - zero)
 
 
-def fit_scale_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_scale_zero(w: torch.Tensor, spec: QuantSpec,
+                   importance: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Fit one (scale, zero) per row of ``w`` (out, k); returns two (out, 1) tensors in w's dtype.
 
-    The range always includes 0 so that exact zeros (dead inputs, padding) stay exactly zero.
+    The min-max range always includes 0 so that exact zeros (dead inputs, padding) stay exactly zero.
     Rows that are entirely zero get the range [-1, 1]: any positive scale reproduces them exactly,
-    and this avoids a 0/0 scale.
+    and this avoids a 0/0 scale. ``importance`` (k,): the weight of each column's squared error in
+    NeUQI's objective (the damped Hessian diagonal); None weighs all columns equally. Min-max
+    ignores it. NeUQI starts from the min-max grid and keeps it where it finds nothing better.
     """
     if w.dim() != 2:
         raise ValueError(f"fit_scale_zero expects a 2-D (out, k) tensor, got shape {tuple(w.shape)}")
@@ -127,6 +160,12 @@ def fit_scale_zero(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torc
             best_err = torch.where(better, err, best_err)
             scale = torch.where(better, cand_scale, scale)
             zero = torch.where(better, cand_zero, zero)
+    if spec.grid_init == "neuqi":
+        if importance is None:
+            importance = torch.ones(w.shape[1], dtype=w.dtype, device=w.device)
+        if importance.shape != (w.shape[1],):
+            raise ValueError(f"importance must be ({w.shape[1]},), got {tuple(importance.shape)}")
+        scale, zero = neuqi_grid(w, importance, scale, zero, maxq, spec.symmetric, spec.neuqi_coarse, spec.neuqi_fine)
     return scale[:, None], zero[:, None]
 
 

@@ -7,11 +7,12 @@ import torch
 from .grid import QuantizedWeight, QuantSpec, fit_scale_zero, group_index, quantize_codes, dequantize
 
 
-def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+def rtn(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> QuantizedWeight:
     """Quantize W (out, in) to the nearest grid point, per output channel or per column group.
 
     Works in float32 (float64 if W is float64). Groups are contiguous input columns; a last
-    group shorter than ``group_size`` gets its own parameters.
+    group shorter than ``group_size`` gets its own parameters. ``importance`` (in,): per-column
+    weights of NeUQI's grid objective (the damped Hessian diagonal); None: equal weights.
     """
     if W.dim() != 2:
         raise ValueError(f"rtn expects a 2-D (out, in) weight, got shape {tuple(W.shape)}")
@@ -27,7 +28,7 @@ def rtn(W: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
     codes = torch.empty(n_out, n_in, dtype=torch.uint8, device=W.device)
     for g in range(n_groups):
         cols = slice(g * group_size, min((g + 1) * group_size, n_in))
-        scale, zero = fit_scale_zero(W[:, cols], spec)  # (out, 1) each
+        scale, zero = fit_scale_zero(W[:, cols], spec, None if importance is None else importance[cols])
         codes[:, cols] = quantize_codes(W[:, cols], scale, zero, spec.maxq)
         scales[:, g] = scale[:, 0]
         zeros[:, g] = zero[:, 0]

@@ -80,6 +80,10 @@ def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None, rotated: 
     if cfg.bits == 16:
         raise ConfigError("quantize.bits=16 leaves the weights unquantized, so there is nothing to pack in "
                           f"{PACKED}; export it as {FAKE_QUANT}, or choose quantize.bits between 2 and 8")
+    if cfg.grid_init == "neuqi" and not cfg.symmetric:
+        raise ConfigError(f"quantize.grid_init=neuqi fits real-valued zero points, which {PACKED} (integer zero "
+                          f"points) cannot hold; export as {FAKE_QUANT}, or quantize with quantize.grid_init=minmax "
+                          f"or quantize.symmetric=true")
     if cfg.act_order and cfg.group_size and not cfg.static_groups:
         raise ConfigError(f"quantize.act_order with quantize.static_groups=false gives every column its own "
                           f"group order (g_idx), which {PACKED} no longer expresses; set quantize.static_groups=true, "

@@ -208,6 +208,7 @@ def test_export_of_a_run_not_quantized_names_what_to_run(rtn_store, capsys):
     (["quantize.method=gptq", "quantize.act_order=true", "quantize.group_size=32", "quantize.static_groups=false"],
      "quantize.static_groups"),
     (["quantize.group_size=48"], "quantize.group_size"),
+    (["quantize.grid_init=neuqi"], "quantize.grid_init"),
 ])
 def test_unpackable_scheme_fails_before_any_work(tmp_path, shared_data, capsys, overrides, field):
     checkpoint = make_checkpoint(tmp_path / "model", layers=2)
