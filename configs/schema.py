@@ -48,6 +48,10 @@ class QuantizeConfig(Strict):
         "range, integer zero point) or neuqi (NeUQI, arXiv 2505.17595: scale grid search and a real-valued zero "
         "point minimising the Hessian-diagonal-weighted error; with symmetric, the scale only). A real zero "
         "point exports as fake_quant only")
+    act_bits: int | None = Field(
+        None, description="activation bits of every quantized linear's input (q,k,v,o,gate,up,down): 2-8, dynamic "
+        "per-token asymmetric min-max (W4A4: bits=4, act_bits=4), applied in the quantized stream during "
+        "calibration and in evaluation, after the model's own input transforms; null = 16-bit activations")
     act_order: bool = Field(False, description="GPTQ desc_act: quantize columns by decreasing Hessian diagonal")
     static_groups: bool = Field(True, description="with act_order and groups: fit group scales up front")
     percdamp: float = Field(0.01, gt=0, le=1, description="damping lambda = percdamp * mean(diag H)")
@@ -67,6 +71,13 @@ class QuantizeConfig(Strict):
             raise ValueError("must be between 2 and 8 (or 16 for an unquantized sanity run)")
         return v
 
+    @field_validator("act_bits")
+    @classmethod
+    def _act_bits(cls, v: int | None) -> int | None:
+        if v is not None and not 2 <= v <= 8:
+            raise ValueError("must be between 2 and 8 (token-wise activation bits), or null for 16-bit activations")
+        return v
+
     @field_validator("grid_init")
     @classmethod
     def _grid_init(cls, v: str, info) -> str:
@@ -80,6 +91,11 @@ class QuantizeConfig(Strict):
         if v is not None and v < 1:
             raise ValueError("must be a positive number of input columns, or null for per-channel")
         return v
+
+    @property
+    def scheme(self) -> str:
+        """W3, W4A4, ...: weight and (when quantized) activation bits, as variants are named."""
+        return f"W{self.bits}" + (f"A{self.act_bits}" if self.act_bits is not None else "")
 
     @property
     def terms(self) -> tuple[bool, bool, bool]:

@@ -37,13 +37,21 @@ from torch import nn
 
 from loaq.configs.schema import MISMATCH_METHODS, QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
-from loaq.models.layers import (ContextFactory, InputTransform, build_layer, call_sublayer, rms_factor, set_submodule,
-                               submodule, with_input_transforms)
+from loaq.models.layers import (ContextFactory, InputTransform, build_layer, call_sublayer, input_transforms_of,
+                               rms_factor, set_submodule, submodule, with_input_transforms)
 from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptaq, gptq,
                         loaq_target, qronos, rtn, shifted_target)
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 from .metrics import PhaseTimes
+from .sources import with_activation_quantizer
+
+
+def apply_all(transforms, x: torch.Tensor) -> torch.Tensor:
+    """x through input transforms in order (what a linear with these transforms multiplies)."""
+    for transform in transforms:
+        x = transform(x)
+    return x
 
 
 @dataclass
@@ -117,8 +125,13 @@ class LayerQuantizer:
         self.eps = float(config.rms_norm_eps)
         self.cache_bytes = cache_bytes  # host memory allowed for caching a sub-layer's W_out inputs
         # input_transforms: the model's own online transforms of linear inputs (a rotated model's
-        # online Hadamard), applied in both streams; see models.layers.add_input_transform.
-        self.quant = build_layer(adapter, config, index, state, dtype, device, input_transforms)
+        # online Hadamard), applied in both streams; see models.layers.add_input_transform. With
+        # act_bits, every linear of the quantized stream also quantizes its input per token, after
+        # those: so X_hat, the statistics, the cached W_out inputs and the quantized stream all see
+        # the activations the quantized model computes with. The clean stream stays full precision.
+        self.model_transforms = dict(input_transforms or {})
+        self.quant = build_layer(adapter, config, index, state, dtype, device,
+                                 with_activation_quantizer(self.model_transforms, adapter.linear_names(), cfg.act_bits))
         # W_out linears are applied by hand (see module docstring); keep the full-precision ones.
         # Their identity stand-ins keep the linears' input transforms, so X_hat is what W_out reads.
         self.w_out: dict[str, nn.Linear] = {}
@@ -184,8 +197,12 @@ class LayerQuantizer:
         gather = cfg.method != "rtn" or quant_spec(cfg).uses_importance  # RTN needs no statistics but NeUQI's
 
         # W_in: H = X_hat^T X_hat, C = X_hat^T (X - X_hat) with X = Norm(h). Norms are not
-        # quantized, so the quantized layer's norm serves both streams.
+        # quantized, so the quantized layer's norm serves both streams. W_in's linears read one input,
+        # each through the same transforms: the model's own (both streams) and, in the quantized
+        # stream, the activation quantizer, exactly as the modules apply them.
         w_in_names = sub.w_in
+        quant_reads = input_transforms_of(submodule(self.quant, w_in_names[0]))
+        clean_reads = self.model_transforms.get(w_in_names[0], ())
         W_in = torch.cat([submodule(self.quant, name).weight for name in w_in_names]).float()
         stats = InputStats(W_in.shape[1])
         if gather:
@@ -194,8 +211,8 @@ class LayerQuantizer:
                 hq_b = self._load(hq, start, stop)
                 h_b = self._clean_input(clean, position, start, stop) if use_clean else None
                 with timer("stats"):
-                    xq = self._flat(norm(hq_b))
-                    stats.add(self._flat(norm(h_b)) if use_clean else None, xq)
+                    xq = self._flat(apply_all(quant_reads, norm(hq_b)))
+                    stats.add(self._flat(apply_all(clean_reads, norm(h_b))) if use_clean else None, xq)
         self._assign(w_in_names, self._solve(f"{sub.name}.w_in", W_in, stats, alpha_in, 0.0))
         del stats
 

@@ -26,12 +26,13 @@ class ModelResult:
     layers: list[LayerResult] = field(default_factory=list)
     divergence: list[dict] = field(default_factory=list)  # per layer: clean-vs-quantized MSE
     final_hidden: torch.Tensor | None = None  # quantized stream after the last layer (n, seqlen, d)
+    act_bits: int | None = None  # the quantized linears' activation bits (None: 16-bit activations)
 
     def weights(self) -> dict[int, dict[str, torch.Tensor]]:
         return {i: {name: q.weight for name, q in layer.weights.items()} for i, layer in enumerate(self.layers)}
 
     def quantized_source(self, base: WeightSource) -> QuantizedWeights:
-        return QuantizedWeights(base, self.weights())
+        return QuantizedWeights(base, self.weights(), self.act_bits)
 
 
 def quantize_model(source: WeightSource, tokens: torch.Tensor, cfg: QuantizeConfig, *, device="cpu",
@@ -41,7 +42,7 @@ def quantize_model(source: WeightSource, tokens: torch.Tensor, cfg: QuantizeConf
     contexts = ContextFactory(source.adapter, source.config, device)
     h = MemoryArray(embed(source, tokens, dtype))
     hq = MemoryArray(h.tensor.clone())
-    result = ModelResult()
+    result = ModelResult(act_bits=cfg.act_bits)
     for index in range(source.num_layers):
         h_out, hq_out = MemoryArray(shape=h.shape, dtype=dtype), MemoryArray(shape=h.shape, dtype=dtype)
         clean = CleanStream(h, {sub.name: MemoryArray(shape=h.shape, dtype=dtype) for sub in source.adapter.sublayers})

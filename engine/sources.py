@@ -13,6 +13,7 @@ import torch
 from transformers import PretrainedConfig
 
 from loaq.models.adapters import Adapter, adapter_for
+from loaq.quant import TokenQuantizer
 
 
 class WeightSource(Protocol):
@@ -55,10 +56,11 @@ class ModelWeights:
 
 
 class QuantizedWeights:
-    """``base`` with the linears named in ``layers[index]`` replaced (weight tensors, (out, in))."""
+    """``base`` with the linears named in ``layers[index]`` replaced (weight tensors, (out, in)); with
+    ``act_bits``, those linears also quantize their inputs per token (after base's transforms)."""
 
-    def __init__(self, base: WeightSource, layers: dict[int, dict[str, torch.Tensor]]):
-        self.base, self.layers = base, layers
+    def __init__(self, base: WeightSource, layers: dict[int, dict[str, torch.Tensor]], act_bits: int | None = None):
+        self.base, self.layers, self.act_bits = base, layers, act_bits
         self.config, self.adapter, self.num_layers = base.config, base.adapter, base.num_layers
 
     def layer_state(self, index: int) -> dict[str, torch.Tensor]:
@@ -77,4 +79,16 @@ class QuantizedWeights:
         return self.base.lm_head_weight()
 
     def input_transforms(self, index: int) -> dict[str, list]:
-        return self.base.input_transforms(index)
+        return with_activation_quantizer(self.base.input_transforms(index), self.layers.get(index, {}), self.act_bits)
+
+
+def with_activation_quantizer(transforms: dict[str, list], names, act_bits: int | None) -> dict[str, list]:
+    """The input transforms of a layer's linears when the linears ``names`` read quantized activations:
+    each one's own transforms (a rotated model's online rotation) first, then the token-wise quantizer,
+    since the activations a W4A4 kernel quantizes are the ones its linear really multiplies."""
+    out = {name: list(ts) for name, ts in transforms.items()}
+    if act_bits is not None:
+        quantizer = TokenQuantizer(act_bits)
+        for name in names:
+            out.setdefault(name, []).append(quantizer)
+    return out

@@ -114,7 +114,7 @@ def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
     if 0 < start < model.num_layers:
         log.info("resuming at layer %d of %d", start, model.num_layers)
     clean = [embedding]
-    with LayerProgress(model.num_layers, f"{config.quantize.method} W{config.quantize.bits}") as progress:
+    with LayerProgress(model.num_layers, f"{config.quantize.method} {config.quantize.scheme}") as progress:
         for index in range(model.num_layers):
             clean.append(clean_key(ctx, model, index, clean[index]))
             if index < start:

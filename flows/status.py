@@ -25,7 +25,8 @@ def run_status(config: RunConfig) -> list[str]:
     rotation = f", hadamard-rotated seed {p.model.rotation.seed}" if p.model.rotated else ""
     lines = [f"store {config.store.url}   model {config.model.source} ({p.model.family}, {p.model.num_layers} layers"
              f"{rotation})",
-             f"variant {q.method} W{q.bits}" + (f" g{q.group_size}" if q.group_size else "") +
+             f"variant {q.method} {q.scheme}" + (f" g{q.group_size}" if q.group_size else "") +
+             (" neuqi" if q.grid_init == "neuqi" else "") +
              f" alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}" +
              (f" gptaq_alpha={q.gptaq_alpha}" if q.method == "gptaq" else "") +
              (" clean_stream_reset" if q.resets_clean_stream() else ""),

@@ -12,7 +12,7 @@ def _print_result(config: RunConfig, result: dict) -> None:
     for dataset, keys in result["evals"].items():
         fp, q = store.open(keys["fp"]).attrs, store.open(keys["quantized"]).attrs
         print(f"{fp['label']} perplexity ({fp['windows']} x {fp['seqlen']} tokens): "
-              f"FP {fp['ppl']:.3f}   {config.quantize.method} W{config.quantize.bits} {q['ppl']:.3f}")
+              f"FP {fp['ppl']:.3f}   {config.quantize.method} {config.quantize.scheme} {q['ppl']:.3f}")
     for which, key in result.get("zero_shot", {}).items():
         res = store.open(key).attrs["zero_shot"]
         print(f"zero-shot {which}: " + ", ".join(f"{t} {r['acc']:.4f}" for t, r in res.items() if t != "skipped"))

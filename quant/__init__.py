@@ -1,5 +1,5 @@
-"""The pure quantization math of loaq: grid, RTN, damped Hessian, GPTQ, GPTAQ, Qronos, statistics,
-LoaQ targets, Hadamard rotations.
+"""The pure quantization math of loaq: grid (min-max or NeUQI), RTN, damped Hessian, GPTQ, GPTAQ, Qronos,
+statistics, LoaQ targets, Hadamard rotations, token-wise activation quantization.
 
 Only torch is used here; no I/O, no pipeline code.
 
@@ -24,6 +24,7 @@ from .grid import (
     group_index,
     quantize_codes,
 )
+from .activations import TokenQuantizer
 from .gptaq import asymmetric_feedback, gptaq
 from .gptq import ColumnOrder, GPTQResult, column_order, gptq
 from .hadamard import Hadamard, HadamardSizeError
@@ -46,6 +47,7 @@ __all__ = [
     "QuantSpec",
     "QuantizedWeight",
     "TargetSpec",
+    "TokenQuantizer",
     "asymmetric_feedback",
     "column_order",
     "damp_hessian",

@@ -14,6 +14,7 @@ from prefect.cache_policies import NONE
 from loaq.configs.schema import EvaluationConfig
 from loaq.data.text import c4_validation_label
 from loaq.data.windows import eval_windows
+from loaq.engine.sources import with_activation_quantizer
 from loaq.evaluation.perplexity import perplexity
 from loaq.models.layers import add_input_transform
 from loaq.store.keys import stage_key
@@ -27,7 +28,12 @@ EVAL_VERSION = 1
 
 
 class StoredQuantizedWeights:
-    """A ``WeightSource``: the checkpoint with each layer's linears replaced by stored quantized weights."""
+    """A ``WeightSource``: the checkpoint with each layer's linears replaced by stored quantized weights.
+
+    A layer quantized with activation bits (its record's config has ``act_bits``) also quantizes the
+    inputs of its quantized linears per token, after the checkpoint's own input transforms: the
+    evaluated model computes what the quantized stream computed during calibration.
+    """
 
     def __init__(self, checkpoint, store, chain: list[str]):
         self.base, self.store, self.chain = checkpoint, store, chain
@@ -50,7 +56,9 @@ class StoredQuantizedWeights:
         return self.base.lm_head_weight()
 
     def input_transforms(self, index: int):
-        return self.base.input_transforms(index)
+        attrs = self.store.open(weights_key(self.chain[index])).attrs
+        return with_activation_quantizer(self.base.input_transforms(index), attrs["linears"],
+                                         attrs["config"].get("act_bits"))
 
 
 def dataset_label(dataset: str, data_dir: str | None) -> str:
@@ -110,7 +118,8 @@ def load_whole(source, dtype: torch.dtype, device: str):
         prefix = source.adapter.layer_prefix.format(index=index)
         state.update({prefix + k: v for k, v in source.layer_state(index).items()})
     model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
-    # Online input transforms (a rotated model's Hadamard on down_proj's input) are not weights.
+    # Online input transforms (a rotated model's Hadamard on down_proj's input, a W4A4 model's activation
+    # quantizer) are not weights.
     for index in range(source.num_layers):
         for name, transforms in source.input_transforms(index).items():
             for transform in transforms:

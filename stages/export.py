@@ -72,6 +72,13 @@ def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None, rotated: 
     """Fail early, in one line naming the field and the fix, for a scheme ``fmt`` cannot hold."""
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not known; choose from {', '.join(FORMATS)}")
+    if cfg.act_bits is not None:
+        # fake_quant would silently drop the activation quantizer (a W{b}A16 model), and loaq does not
+        # write compressed-tensors' dynamic token-wise input_activations: no serving kernel runs integer
+        # W4A4 (vLLM's compressed-tensors W4A4 is NVFP4), so nothing could check such a checkpoint.
+        raise ConfigError(f"quantize.act_bits={cfg.act_bits} quantizes activations at run time, which no export format "
+                          f"of loaq holds ({FAKE_QUANT} keeps weights only, {PACKED} integer activations are not "
+                          f"written); evaluate it in loaq, or export a run with quantize.act_bits=null")
     if fmt != PACKED:
         return
     if rotated:

@@ -34,7 +34,8 @@ WEIGHT_PARTS = ("codes", "scales", "zeros", "g_idx")
 def config_identity(cfg: QuantizeConfig) -> dict:
     """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them,
     gptaq_alpha except for GPTAQ, clean_stream_reset unless the stream is actually reset, and grid_init
-    at its default (so adding these fields left the keys of the other methods and runs as they were)."""
+    and act_bits at their defaults (so adding these fields left the keys of the other methods and runs as
+    they were)."""
     identity = cfg.model_dump()
     alpha_in, alpha_out, beta = cfg.alphas_beta()
     identity.update(alpha_in=alpha_in, alpha_out=alpha_out, beta=beta)
@@ -45,6 +46,8 @@ def config_identity(cfg: QuantizeConfig) -> dict:
     identity.pop("clean_stream_reset")
     if cfg.grid_init == "minmax":
         identity.pop("grid_init")
+    if cfg.act_bits is None:
+        identity.pop("act_bits")
     if cfg.resets_clean_stream():
         identity["clean_stream_reset"] = True
     return identity

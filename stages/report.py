@@ -22,7 +22,8 @@ from .quantize import weights_key
 
 
 def variant_label(q: QuantizeConfig, with_terms: bool = False) -> str:
-    label = f"{q.method} W{q.bits}" + (f" g{q.group_size}" if q.group_size else "")
+    label = f"{q.method} {q.scheme}" + (f" g{q.group_size}" if q.group_size else "")
+    label += " neuqi" if q.grid_init == "neuqi" else ""
     if with_terms and any(q.terms):
         alpha_in, alpha_out, beta = q.alphas_beta()
         alpha = f"{alpha_in:g}" if alpha_in == alpha_out else f"{alpha_in:g}/{alpha_out:g}"

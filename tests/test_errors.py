@@ -47,6 +47,21 @@ def test_bits_outside_2_to_8(tmp_path, capsys, checkpoint, shared_data, bits):
     assert f"'quantize.bits' = {bits}" in line and "between 2 and 8" in line
 
 
+@pytest.mark.parametrize("overrides, expected", [
+    (["quantize.act_bits=1"], ("'quantize.act_bits' = 1", "between 2 and 8")),
+    (["quantize.act_bits=16"], ("'quantize.act_bits' = 16", "between 2 and 8")),
+    (["quantize.grid_init=nequi"], ("'quantize.grid_init' = 'nequi'", "minmax", "neuqi")),
+    (["quantize.mse_clip=true", "quantize.grid_init=neuqi"], ("'quantize.grid_init' = 'neuqi'", "quantize.mse_clip")),
+])
+def test_activation_bits_and_grid_init(tmp_path, capsys, checkpoint, shared_data, overrides, expected):
+    config = write_config(tmp_path / "c.yaml", checkpoint, tmp_path / "store", shared_data)
+    args = ["run", str(config)]
+    for o in overrides:
+        args += ["--set", o]
+    line = error_line(capsys, args)
+    assert all(part in line for part in expected), line
+
+
 def test_model_path_that_does_not_exist(tmp_path, capsys, checkpoint, shared_data):
     config = write_config(tmp_path / "c.yaml", tmp_path / "no-such-model", tmp_path / "store", shared_data)
     assert "does not exist" in error_line(capsys, ["run", str(config)])

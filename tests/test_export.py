@@ -209,6 +209,7 @@ def test_export_of_a_run_not_quantized_names_what_to_run(rtn_store, capsys):
      "quantize.static_groups"),
     (["quantize.group_size=48"], "quantize.group_size"),
     (["quantize.grid_init=neuqi"], "quantize.grid_init"),
+    (["quantize.bits=4", "quantize.act_bits=4"], "quantize.act_bits"),
 ])
 def test_unpackable_scheme_fails_before_any_work(tmp_path, shared_data, capsys, overrides, field):
     checkpoint = make_checkpoint(tmp_path / "model", layers=2)
