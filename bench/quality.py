@@ -65,7 +65,12 @@ class Variant:
 SETTINGS: dict[str, tuple[str, ...]] = {
     "": (),
     "hadamard": ("model.rotation.kind=hadamard",),  # QuaRot rotation of the residual stream and down_proj input
+    "neuqi": ("quantize.grid_init=neuqi",),  # NeUQI's (scale, zero point) instead of min-max
+    "hadamard+neuqi": ("model.rotation.kind=hadamard", "quantize.grid_init=neuqi"),
+    "w4a4": ("quantize.act_bits=4",),  # activations of every quantized linear: 4-bit, per token, dynamic
+    "hadamard+w4a4": ("model.rotation.kind=hadamard", "quantize.act_bits=4"),
 }
+_PAPER_METHODS = ("gptq", "loaq", "gptaq", "qronos")
 
 _METHODS = ("gptq", "rtn", "loaq", "gptaq", "qronos", "lloa", "lloa_soa")
 
@@ -92,12 +97,16 @@ GRIDS: dict[str, list[Variant]] = {
     # Zero-shot accuracy (run with evaluation.zero_shot_tasks set) for the widths where the models
     # still answer better than chance.
     "zeroshot": _rows(("gptq", "loaq"), (4, 3)),
-    # The paper's other settings (its Tables 2-4): rotation, grid initialisation, weight-and-activation.
-    "settings": [v for s in ("hadamard",) for v in _rows(("gptq", "loaq", "gptaq", "qronos"), (3, 2), setting=s)],
+    # The paper's other settings (its Tables 2-4): rotation and grid initialisation at W3/W2, W4A4
+    # with and without rotation; also runnable one setting family at a time.
+    "rotation": _rows(_PAPER_METHODS, (3, 2), setting="hadamard"),
+    "neuqi": [v for s in ("neuqi", "hadamard+neuqi") for v in _rows(_PAPER_METHODS, (3, 2), setting=s)],
+    "w4a4": [v for s in ("w4a4", "hadamard+w4a4") for v in _rows(_PAPER_METHODS, (4,), setting=s)],
 }
+GRIDS["settings"] = GRIDS["rotation"] + GRIDS["neuqi"] + GRIDS["w4a4"]
 
 # Grids whose table is written next to, not over, the main quality table.
-SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings"}
+SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings", "rotation", "neuqi", "w4a4"}
 
 
 def commit() -> str:
