@@ -194,14 +194,19 @@ class ExportConfig(Strict):
         return tuple(dict.fromkeys(v))
 
 
-class RunConfig(Strict):
-    name: str = "default"
-    model: ModelConfig = ModelConfig()
+class SharedSections(Strict):
+    """The sections of a run besides its model and its quantization: what every member of a zoo shares."""
+
     data_dir: str | None = Field("../shared/data", description="local data folder; null = load from the hub")
     calibration: CalibrationConfig = CalibrationConfig()
-    quantize: QuantizeConfig = QuantizeConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     runtime: RuntimeConfig = RuntimeConfig()
     store: StoreConfig = StoreConfig()
     export: ExportConfig = ExportConfig()
     report_dir: str = "runs"
+
+
+class RunConfig(SharedSections):
+    name: str = "default"
+    model: ModelConfig = ModelConfig()
+    quantize: QuantizeConfig = QuantizeConfig()

@@ -25,8 +25,7 @@ import re
 from pydantic import Field, ValidationError, model_validator
 
 from .load import ConfigError, describe, preset_path, read_yaml
-from .schema import (CalibrationConfig, EvaluationConfig, ExportConfig, ModelConfig, QuantizeConfig, RunConfig,
-                     RuntimeConfig, StoreConfig, Strict)
+from .schema import ModelConfig, QuantizeConfig, RunConfig, SharedSections
 
 _NAME = r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$"
 
@@ -57,18 +56,11 @@ def setting_slug(q: QuantizeConfig) -> str:
     return slug
 
 
-class ZooConfig(Strict):
+class ZooConfig(SharedSections):
     name: str = Field("zoo", pattern=_NAME)
     models: tuple[ZooModel, ...] = Field(min_length=1)
     settings: tuple[QuantizeConfig, ...] = Field(min_length=1)
     concurrency: int = Field(2, ge=1, description="model groups run at once in one process (threads)")
-    data_dir: str | None = RunConfig.model_fields["data_dir"].default
-    calibration: CalibrationConfig = CalibrationConfig()
-    evaluation: EvaluationConfig = EvaluationConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
-    store: StoreConfig = StoreConfig()
-    export: ExportConfig = ExportConfig()
-    report_dir: str = "runs"
 
     @model_validator(mode="after")
     def _distinct(self) -> "ZooConfig":
@@ -85,8 +77,7 @@ class ZooConfig(Strict):
         return self
 
     def member(self, model: ZooModel, setting: QuantizeConfig) -> RunConfig:
-        shared = self.model_dump(include={"data_dir", "calibration", "evaluation", "runtime", "store", "export",
-                                          "report_dir"})
+        shared = self.model_dump(include=set(SharedSections.model_fields))
         return RunConfig.model_validate({**shared, "name": f"{self.name}-{model.label}-{setting_slug(setting)}",
                                          "model": model.model_config_only().model_dump(),
                                          "quantize": setting.model_dump()})

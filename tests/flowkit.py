@@ -32,17 +32,24 @@ def make_checkpoint(path: Path, family: str = "llama", layers: int = 3, hidden: 
     return path
 
 
-def write_config(path: Path, checkpoint: Path, store: Path, data_dir: str, **quantize) -> Path:
-    config = {
-        "name": "tiny",
-        "model": {"source": str(checkpoint)},
+def tiny_protocol(store: Path, data_dir: str) -> dict:
+    """The sections every tiny run shares: few short calibration samples and evaluation windows."""
+    return {
         "data_dir": data_dir,
         "calibration": {"n_samples": 4, "seqlen": 64},
-        "quantize": {"method": "loaq", "bits": 3, **quantize},
         "evaluation": {"seqlen": 64, "max_windows": 3},
         "runtime": {"threads": 1, "micro_batch": 2},
         "store": {"url": str(store), "keep_quant_states": "last"},
         "report_dir": str(store.parent / "runs"),
+    }
+
+
+def write_config(path: Path, checkpoint: Path, store: Path, data_dir: str, **quantize) -> Path:
+    config = {
+        "name": "tiny",
+        "model": {"source": str(checkpoint)},
+        "quantize": {"method": "loaq", "bits": 3, **quantize},
+        **tiny_protocol(store, data_dir),
     }
     path.write_text(yaml.safe_dump(config))
     return path
@@ -55,12 +62,7 @@ def write_zoo(path: Path, models: dict[str, Path], store: Path, data_dir: str, s
         "name": "tinyzoo",
         "models": [{"name": name, "source": str(folder)} for name, folder in models.items()],
         "settings": settings,
-        "data_dir": data_dir,
-        "calibration": {"n_samples": 4, "seqlen": 64},
-        "evaluation": {"seqlen": 64, "max_windows": 3},
-        "runtime": {"threads": 1, "micro_batch": 2},
-        "store": {"url": str(store), "keep_quant_states": "last"},
-        "report_dir": str(store.parent / "runs"),
+        **tiny_protocol(store, data_dir),
         **extra,
     }
     path.write_text(yaml.safe_dump(config))
