@@ -26,6 +26,25 @@ offsets i/T_f · s_mm (|i| ≤ T_f/(2T_c)) around each row's best coarse scale, 
 min-max scale (range including 0). Finally the min-max grid itself is compared on the exact loss
 and kept where NeUQI does not beat it, so NeUQI's loss is never above min-max's.
 
+Speed (CPU). Ranking the T_c + T_f/T_c (96) scales of a row by the exact window sweep needs a sort
+per row and scale, ~30 µs per weight on one core. The scales are instead ranked by a binned sweep
+(_binned_loss), and only the chosen scale's zero point is found by the exact sweep:
+
+* each code step of the window is moved to the left edge of its bin (128 per unit of z): a step moved
+  earlier by δ rounds its point to the neighbouring code while the error is in (½ − δ, ½], which costs
+  2δ·d, so the binned minimum is an upper bound of the exact one, above it by at most 2/128 of the
+  weight of the steps in one bin (~1e-4 of the loss on spread-out rows). Per-bin sums of d and d·t
+  (two scatter-adds, no sort) give B and C at every bin edge, and each bin's quadratic is minimised
+  in closed form;
+* it runs in float32 (ranking only) on cache-sized chunks of rows × candidates, each row's candidates
+  broadcast against the row rather than stacked copies; on a CPU the whole search runs on one thread;
+* its window comes from 16 bisection steps (the bracket to ~1e-4 of a code; 40 for the exact sweep).
+
+A row thus gets the scale the exact ranking would choose unless two candidates are within the
+binned error of each other, where either is near-optimal; the chosen scale's zero point and the
+min-max fallback are exact (float64) as before. ``exact=True`` ranks every scale by the exact sweep
+(the previous search; tests and bench/neuqi_speed.py compare the two).
+
 Deliberate differences from the reference code: the top scale is this project's min-max scale
 (whose range includes 0) rather than (max − min)/maxq, so the min-max grid is among the candidates;
 and the final comparison with min-max (the reference keeps its search result).
@@ -34,6 +53,10 @@ and the final comparison with min-max (the reference keeps its search result).
 from __future__ import annotations
 
 import torch
+
+# bins per unit of z in the binned search
+_BINS = 128
+_CPU_CHUNK = 18
 
 
 def _sweep(lo: torch.Tensor, hi: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor):
@@ -59,34 +82,32 @@ class _SortedRows:
         self.d = torch.cat([zero, d.cumsum(1)], 1)  # (rows, k + 1): Σ_{i<j} d_i
         self.dw = torch.cat([zero, (d * self.w).cumsum(1)], 1)  # Σ_{i<j} d_i w_i
 
-    def repeat(self, times: int) -> "_SortedRows":
-        """The rows stacked ``times`` over (one copy per scale candidate evaluated together)."""
-        out = object.__new__(_SortedRows)
-        out.w, out.d, out.dw = (t.repeat(times, 1) for t in (self.w, self.d, self.dw))
-        return out
-
     def relaxed_zero(self, scale: torch.Tensor, maxq: int, iterations: int = 40) -> torch.Tensor:
-        """Minimiser of the relaxed loss f̃(z) for u = w/scale: a point counts (u + z)² below the grid
-        (u + z < −½), (u + z − maxq)² above it (u + z > maxq + ½) and ¼ inside. Each term is convex
-        in z (flat inside, quadratic outside), so f̃ is convex and its derivative
+        """Minimiser of the relaxed loss f̃(z) for u = w/scale, for each row and each of its scales
+        ``scale`` (rows, c) (c candidates share the row's sorted copy; no stacked copies); returns
+        (rows, c). A point counts (u + z)² below the grid (u + z < −½), (u + z − maxq)² above it
+        (u + z > maxq + ½) and ¼ inside. Each term is convex in z (flat inside, quadratic outside),
+        so f̃ is convex and its derivative
             f̃'(z)/2 = Σ_below d (u + z) + Σ_above d (u + z − maxq)
-        is nondecreasing: bisection on its sign, each step two binary searches per row. The window of
-        step 2 needs z̃ only roughly: 40 halvings of the initial bracket (< 2^11 wide) are plenty."""
-        s = scale[:, None]
+        is nondecreasing: bisection on its sign, each step two binary searches per row and scale.
+        The exact window needs z̃ only roughly: 40 halvings of the initial bracket (< 2^11 wide) are
+        plenty; the binned search, which only ranks scales, uses fewer."""
+        s = scale
         total_d = self.d[:, -1:]
         u_min, u_max = self.w[:, :1] / s, self.w[:, -1:] / s
         lo, hi = -u_max - maxq - 1.0, -u_min + maxq + 1.0  # all points below / all above the grid
-        du = self.dw / s  # prefix sums of d·u
+        du_total = self.dw[:, -1:] / s  # Σ d·u; Σ_{i<j} d_i u_i = dw_j / s
         for _ in range(iterations):
             z = 0.5 * (lo + hi)
             below = torch.searchsorted(self.w, s * (-0.5 - z), side="left")  # count with u + z < -1/2
             above = torch.searchsorted(self.w, s * (maxq + 0.5 - z), side="right")  # first with u + z > maxq + 1/2
             d_below, d_above = self.d.gather(1, below), total_d - self.d.gather(1, above)
-            slope = du.gather(1, below) + (du[:, -1:] - du.gather(1, above)) + z * (d_below + d_above) - maxq * d_above
+            slope = (self.dw.gather(1, below) / s + (du_total - self.dw.gather(1, above) / s)
+                     + z * (d_below + d_above) - maxq * d_above)
             rising = slope > 0
             hi = torch.where(rising, z, hi)
             lo = torch.where(rising, lo, z)
-        return (0.5 * (lo + hi))[:, 0]
+        return 0.5 * (lo + hi)
 
 
 def _window_zero(u: torch.Tensor, d: torch.Tensor, start: torch.Tensor, maxq: int):
@@ -127,8 +148,51 @@ def optimal_zero(u: torch.Tensor, d: torch.Tensor, maxq: int) -> tuple[torch.Ten
     """Near-optimal real zero point per row for the fixed scale of ``u`` = w/s (rows, k), and its loss
     f(z) = Σ d (u + z − clamp(round(u + z), 0, maxq))², both (rows,), float64."""
     u, d = u.to(torch.float64), d.to(torch.float64).expand_as(u)
-    start = _SortedRows(u, d).relaxed_zero(torch.ones_like(u[:, 0]), maxq) - 1.0
+    start = _SortedRows(u, d).relaxed_zero(torch.ones_like(u[:, :1]), maxq)[:, 0] - 1.0
     return _window_zero(u, d, start, maxq)
+
+
+def _binned_loss(w: torch.Tensor, d: torch.Tensor, scale: torch.Tensor, start: torch.Tensor, maxq: int,
+                 bins: int) -> torch.Tensor:
+    """An upper bound, within 2·(Σ d of one bin's events)/bins of the exact minimum, of min f(z) on the
+    window [start, start + 2] for u = w/scale; w (rows, k), d (k,), scale and start (rows, c) -> (rows, c).
+
+    The window sweep of _window_zero with each code step moved to the left edge of its bin
+    (``bins`` per unit of z): no sort, two scatter-adds per point. Moving a step earlier by δ < 1/bins
+    rounds that point to the neighbouring code while its error is in (½ − δ, ½], which raises its
+    squared error by 2δ·d; so the binned loss is never below the exact one, and above it by at most
+    2/bins times the weight of the steps in the bin where it is evaluated."""
+    rows, c = scale.shape
+    # (rows, c, k): u + z at the window's left end, and the nearest code (a tie may round either way)
+    v = torch.addcmul(start[:, :, None], w[:, None, :], scale.reciprocal()[:, :, None])
+    unclamped = torch.round(v)
+    t = unclamped + 0.5 - v  # position in [0, 1] of the point's first code step; the second is at t + 1
+    residual = v - unclamped.clamp(0, maxq)
+    weighted = d * residual
+    B0, C0 = weighted.sum(-1), (weighted * residual).sum(-1)
+    # Steps exist for codes k -> k + 1 with 0 <= k <= maxq - 1: the first (k = unclamped) for
+    # 0 <= unclamped <= maxq - 1, the second for -1 <= unclamped <= maxq - 2. One scatter sorts points
+    # into three classes x bins: 0: unclamped = -1 (second step only), 1: both steps, 2: unclamped =
+    # maxq - 1 (first step only); points with no step in the window get weight 0.
+    has_step = (unclamped >= -1) & (unclamped <= maxq - 1)
+    d_step = torch.where(has_step, d, 0.0)
+    cls = (unclamped + 1).clamp_(0, 1) + (unclamped - (maxq - 2)).clamp_(0, 1)
+    index = (t * bins).clamp_(max=bins - 0.5).add_(cls * bins).long().view(rows * c, -1)
+    mass = torch.zeros(rows * c, 3 * bins, dtype=w.dtype, device=w.device)
+    moment = torch.zeros_like(mass)
+    mass.scatter_add_(1, index, d_step.view(rows * c, -1))
+    moment.scatter_add_(1, index, (d_step * t).view(rows * c, -1))
+    mass, moment = mass.view(rows, c, 3, bins), moment.view(rows, c, 3, bins)
+    first_d, first_t = mass[:, :, 1] + mass[:, :, 2], moment[:, :, 1] + moment[:, :, 2]
+    second_d, second_t = mass[:, :, 0] + mass[:, :, 1], moment[:, :, 0] + moment[:, :, 1]
+    # a step of a point with weight d at position p: B = Σ d·err drops by d, C = Σ d·err² rises by
+    # d(1 − 2(v − k)) = 2d·p (first step, k = unclamped) or 2d·(p + 1) (second step, k = unclamped + 1)
+    B = B0[..., None] - torch.cat([first_d, second_d], -1).cumsum(-1)
+    C = C0[..., None] + torch.cat([2 * first_t, 2 * (second_t + second_d)], -1).cumsum(-1)
+    A = d.sum()
+    edges = torch.arange(2 * bins + 1, dtype=w.dtype, device=w.device) / bins
+    x = torch.minimum(torch.maximum(-B / A, edges[:-1]), edges[1:])
+    return ((A * x + 2 * B) * x + C).amin(-1).clamp_min(0.0)
 
 
 def _fixed_zero_loss(u: torch.Tensor, d: torch.Tensor, zero: float, maxq: int) -> torch.Tensor:
@@ -145,57 +209,85 @@ def weighted_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, d: 
 
 
 def neuqi_grid(w: torch.Tensor, importance: torch.Tensor, scale_mm: torch.Tensor, zero_mm: torch.Tensor, maxq: int,
-               symmetric: bool, coarse: int, fine: int) -> tuple[torch.Tensor, torch.Tensor]:
+               symmetric: bool, coarse: int, fine: int, exact: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """NeUQI's (scale, zero) per row of w (rows, k) for column weights ``importance`` (k,), starting from
     the min-max grid (scale_mm, zero_mm), (rows,) each. Symmetric grids keep their fixed centre zero
-    point and search the scale only. Returns (rows,) tensors in w's dtype."""
+    point and search the scale only. ``exact``: rank every scale candidate by its exact loss (slow on
+    a CPU) instead of the binned one. Returns (rows,) tensors in w's dtype."""
+    if w.is_cuda:
+        return _neuqi_grid(w, importance, scale_mm, zero_mm, maxq, symmetric, coarse, fine, exact)
+    # On a CPU the search is many cache-sized ops: fanning each out over OpenMP threads waits on
+    # descheduled ones when the machine is loaded (measured 3-8x slower with 2 threads than with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _neuqi_grid(w, importance, scale_mm, zero_mm, maxq, symmetric, coarse, fine, exact)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _neuqi_grid(w, importance, scale_mm, zero_mm, maxq, symmetric, coarse, fine, exact):
     w64 = w.to(torch.float64)
     d = importance.to(device=w.device, dtype=torch.float64).reshape(1, -1).expand_as(w64)
     if not bool((d.sum(1) > 0).all()):
         d = torch.ones_like(w64)  # no column carries weight: plain squared error
     s_mm = scale_mm.to(torch.float64)
     centre = (maxq + 1) / 2
-
-    rows_sorted = None if symmetric else _SortedRows(w64, d)
     rows, k = w64.shape
-    # Scale candidates are evaluated several at a time, stacked as extra rows, so that small problems
-    # (groups, small layers) run a few large tensor operations instead of many tiny ones (kernel
-    # launches dominate on a GPU); on a CPU, arrays beyond the caches only cost memory traffic.
-    per_batch = max(1, (1 << (25 if w64.is_cuda else 20)) // max(rows * k, 1))
+    rows_sorted = None if symmetric else _SortedRows(w64, d)
+    binned = not (symmetric or exact)
+    w32, d32 = w.to(torch.float32), d[0].to(torch.float32)
+    # Rows are processed in chunks of about 2^18 (CPU: cache-sized) or 2^25 (GPU) elements x candidates.
+    budget = 1 << (25 if w.is_cuda else _CPU_CHUNK)
 
-    def evaluate(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Best candidate of each row among the scale multipliers t (c, rows): (t, zero, loss), (rows,) each."""
+    def exact_loss(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact best zero point and loss for the scale multipliers t (rows, c): (rows, c) each."""
         zero_out, loss_out = torch.empty_like(t), torch.empty_like(t)
-        for first in range(0, t.shape[0], per_batch):
-            chunk = t[first:first + per_batch]
-            times = chunk.shape[0]
-            scale = (s_mm * chunk).reshape(-1)
-            u = w64.repeat(times, 1) / scale[:, None]
-            d_rep = d.repeat(times, 1)
+        step = max(1, budget // max(t.shape[1] * k * 16, 1))  # the window sweep holds ~16 arrays of (., k)
+        for first in range(0, rows, step):
+            part = slice(first, first + step)
+            scale = s_mm[part, None] * t[part]
+            u = w64[part, None, :] / scale[..., None]
             if symmetric:
                 zero = torch.full_like(scale, centre)
-                loss = _fixed_zero_loss(u, d_rep, centre, maxq)
+                loss = _fixed_zero_loss(u.flatten(0, 1), d[:1], centre, maxq).view_as(scale)
             else:
-                start = rows_sorted.repeat(times).relaxed_zero(scale, maxq) - 1.0
-                zero, loss = _window_zero(u, d_rep, start, maxq)
-            zero_out[first:first + times] = zero.reshape(times, rows)
-            loss_out[first:first + times] = (loss * scale.square()).reshape(times, rows)
-        # ties go to the first candidate: the larger scale in the coarse pass (it starts at min-max's)
-        best = loss_out.argmin(dim=0, keepdim=True)
-        return t.gather(0, best)[0], zero_out.gather(0, best)[0], loss_out.gather(0, best)[0]
+                sub = object.__new__(_SortedRows)
+                sub.w, sub.d, sub.dw = rows_sorted.w[part], rows_sorted.d[part], rows_sorted.dw[part]
+                start = sub.relaxed_zero(scale, maxq) - 1.0
+                zero, loss = _window_zero(u.flatten(0, 1), d[:1].expand(u.shape[0] * u.shape[1], -1),
+                                          start.flatten(), maxq)
+                zero, loss = zero.view_as(scale), loss.view_as(scale)
+            zero_out[part], loss_out[part] = zero, loss * scale.square()
+        return zero_out, loss_out
 
-    # coarse: t = 1, (T_c − 1)/T_c, ..., 1/T_c of the min-max scale
+    def binned_loss(t: torch.Tensor) -> torch.Tensor:
+        """Binned loss (an upper bound of the exact one) for the scale multipliers t (rows, c)."""
+        scale = s_mm[:, None] * t
+        start = rows_sorted.relaxed_zero(scale, maxq, iterations=16) - 1.0
+        step = max(1, budget // (t.shape[1] * k))
+        loss = torch.cat([_binned_loss(w32[i:i + step], d32, scale[i:i + step].float(), start[i:i + step].float(),
+                                       maxq, _BINS) for i in range(0, rows, step)])
+        return loss.double() * scale.square()
+
+    def best(t: torch.Tensor, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row the candidate of least loss, the first on ties: (t, loss), (rows,) each."""
+        i = loss.argmin(dim=1, keepdim=True)
+        return t.gather(1, i)[:, 0], loss.gather(1, i)[:, 0]
+
+    evaluate = binned_loss if binned else (lambda t: exact_loss(t)[1])
+    # coarse: t = 1, (T_c − 1)/T_c, ..., 1/T_c of the min-max scale; ties go to the larger scale
     steps = torch.arange(coarse, 0, -1, dtype=torch.float64, device=w.device) / coarse
-    best_t, best_zero_point, best_loss = evaluate(steps[:, None].expand(-1, rows))
+    best_t, best_loss = best(steps[None, :].expand(rows, -1).contiguous(), evaluate(steps[None, :].expand(rows, -1)))
     # fine: offsets of i/T_f around each row's best coarse multiplier (never below 1/(2T_c) > 0)
     half = fine // coarse // 2
     offsets = [i / fine for i in range(-half, half + 1) if i != 0]
     if offsets:
-        offsets = torch.tensor(offsets, dtype=torch.float64, device=w.device)
-        t_fine, zero_fine, loss_fine = evaluate(best_t[None, :] + offsets[:, None])
-        better = loss_fine < best_loss
-        best_t = torch.where(better, t_fine, best_t)
-        best_zero_point = torch.where(better, zero_fine, best_zero_point)
+        t_fine = best_t[:, None] + torch.tensor(offsets, dtype=torch.float64, device=w.device)
+        t_fine, loss_fine = best(t_fine, evaluate(t_fine))
+        best_t = torch.where(loss_fine < best_loss, t_fine, best_t)
+    # the zero point of the chosen scale by the exact search
+    best_zero_point = exact_loss(best_t[:, None])[0][:, 0]
     best_scale = s_mm * best_t
 
     scale, zero = best_scale.to(w.dtype), best_zero_point.to(w.dtype)
