@@ -102,11 +102,13 @@ GRIDS: dict[str, list[Variant]] = {
     "rotation": _rows(_PAPER_METHODS, (3, 2), setting="hadamard"),
     "neuqi": [v for s in ("neuqi", "hadamard+neuqi") for v in _rows(_PAPER_METHODS, (3, 2), setting=s)],
     "w4a4": [v for s in ("w4a4", "hadamard+w4a4") for v in _rows(_PAPER_METHODS, (4,), setting=s)],
+    # NeUQI's search costs ~4 CPU-minutes per SmolLM2 model: GPTQ and LoaQ at W3 only, for short runs.
+    "neuqi-w3": [v for s in ("neuqi", "hadamard+neuqi") for v in _rows(("gptq", "loaq"), (3,), setting=s)],
 }
 GRIDS["settings"] = GRIDS["rotation"] + GRIDS["neuqi"] + GRIDS["w4a4"]
 
 # Grids whose table is written next to, not over, the main quality table.
-SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings", "rotation", "neuqi", "w4a4"}
+SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings", "rotation", "neuqi", "w4a4", "neuqi-w3"}
 
 
 def commit() -> str:
