@@ -140,6 +140,8 @@ class LayerQuantizer:
             set_submodule(self.quant, sub.w_out, with_input_transforms(nn.Identity(), self.w_out[sub.name]))
         self.result = LayerResult()
         self.timer = PhaseTimes(device)
+        # RTN needs no statistics, except the Hessian diagonal that NeUQI weighs its grid search by.
+        self.gathers_statistics = cfg.method != "rtn" or quant_spec(cfg).uses_importance
         # GPTAQ and Qronos need C = X_hat^T (X - X_hat) of W_out itself, so the clean X (W_out's
         # input in the full-precision layer) is recomputed for them; the LoaQ family needs only Y.
         self.fp = None
@@ -194,7 +196,7 @@ class LayerQuantizer:
         alpha_in, alpha_out, beta = cfg.alphas_beta()
         _, _, noa = cfg.terms
         use_clean = clean is not None and cfg.needs_clean_stream()
-        gather = cfg.method != "rtn" or quant_spec(cfg).uses_importance  # RTN needs no statistics but NeUQI's
+        gather = self.gathers_statistics
 
         # W_in: H = X_hat^T X_hat, C = X_hat^T (X - X_hat) with X = Norm(h). Norms are not
         # quantized, so the quantized layer's norm serves both streams. W_in's linears read one input,
@@ -317,7 +319,7 @@ class LayerQuantizer:
             clean = CleanStream(h, dict(zip(names, outs)))
         else:
             clean = None
-        if self.cfg.method != "rtn" or quant_spec(self.cfg).uses_importance:
+        if self.gathers_statistics:
             (hq_in,) = self._in_memory([hq_in])
         hq_mid = MemoryArray(shape=hq_in.shape, dtype=self.dtype)
         first, second = self.adapter.sublayers

@@ -30,6 +30,13 @@ def add_input_transform(module: nn.Module, transform: InputTransform) -> None:
     setattr(module, INPUT_TRANSFORMS, (*getattr(module, INPUT_TRANSFORMS, ()), transform))
 
 
+def add_input_transforms(layer: nn.Module, input_transforms: Mapping[str, Sequence[InputTransform]]) -> None:
+    """Each linear named in ``input_transforms`` (relative to ``layer``) gets its transforms, in order."""
+    for name, transforms in input_transforms.items():
+        for transform in transforms:
+            add_input_transform(submodule(layer, name), transform)
+
+
 def input_transforms_of(module: nn.Module) -> tuple[InputTransform, ...]:
     return getattr(module, INPUT_TRANSFORMS, ())
 
@@ -54,9 +61,7 @@ def build_layer(adapter: Adapter, config: PretrainedConfig, index: int, state: d
     if missing:
         raise ValueError(f"decoder layer {index}: checkpoint lacks {sorted(missing)}")
     layer.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state.items()}, assign=True, strict=False)
-    for name, transforms in (input_transforms or {}).items():
-        for transform in transforms:
-            add_input_transform(submodule(layer, name), transform)
+    add_input_transforms(layer, input_transforms or {})
     return layer.eval()
 
 

@@ -16,7 +16,7 @@ from loaq.data.text import c4_validation_label
 from loaq.data.windows import eval_windows
 from loaq.engine.sources import with_activation_quantizer
 from loaq.evaluation.perplexity import perplexity
-from loaq.models.layers import add_input_transform
+from loaq.models.layers import add_input_transforms
 from loaq.store.keys import stage_key
 
 from .context import StageContext
@@ -121,9 +121,7 @@ def load_whole(source, dtype: torch.dtype, device: str):
     # Online input transforms (a rotated model's Hadamard on down_proj's input, a W4A4 model's activation
     # quantizer) are not weights.
     for index in range(source.num_layers):
-        for name, transforms in source.input_transforms(index).items():
-            for transform in transforms:
-                add_input_transform(model.model.layers[index].get_submodule(name), transform)
+        add_input_transforms(model.model.layers[index], source.input_transforms(index))
     # Non-persistent buffers (rotary frequencies) are not in any state dict: build them for real.
     model.model.rotary_emb = source.adapter.resolve("rotary_embedding")(config=model.config).to(device)
     if tied:
