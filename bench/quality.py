@@ -148,7 +148,8 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="use a new empty store next to --store, so that every variant is computed and timed")
     ap.add_argument("--out", default=None, help="output path without suffix (default bench/results/quality[_GRID])")
-    ap.add_argument("--append", action="store_true", help="add rows to the existing table instead of replacing it")
+    ap.add_argument("--append", action="store_true",
+                    help="add rows to the existing table instead of replacing it; variants already in it are skipped")
     args = ap.parse_args()
     if args.out is None:
         args.out = str(RESULTS / (f"quality_{args.grid}" if args.grid in SEPARATE_TABLES else "quality"))
@@ -161,7 +162,11 @@ def main() -> None:
     if args.append and previous.is_file():
         rows = json.loads(previous.read_text())["rows"]
     this_run = []  # cost ratios only within this invocation
+    in_table = {(r["method"], r["bits"], r["act_order"], r.get("group"), r.get("setting", "")) for r in rows}
     for variant in GRIDS[args.grid]:
+        if (variant.method, variant.bits, variant.act_order, variant.group, variant.setting) in in_table:
+            print(f"{variant.name()}: already in {previous}, kept", flush=True)
+            continue
         config = load_config(args.config, [*args.overrides, f"store.url={args.store}", *variant.overrides(),
                                            f"name={variant.name()}"])
         started = time.perf_counter()

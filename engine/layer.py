@@ -38,9 +38,9 @@ from torch import nn
 from loaq.configs.schema import MISMATCH_METHODS, QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
 from loaq.models.layers import (ContextFactory, InputTransform, build_layer, call_sublayer, input_transforms_of,
-                               rms_factor, set_submodule, submodule, with_input_transforms)
+                               set_submodule, submodule, with_input_transforms)
 from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptaq, gptq,
-                        loaq_target, qronos, rtn, shifted_target)
+                        loaq_target, projected_difference, qronos, rtn, shifted_target)
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 from .metrics import PhaseTimes
@@ -222,7 +222,10 @@ class LayerQuantizer:
         linear = self.w_out[sub.name]
         W_out, bias = linear.weight, linear.bias
         n_out, n_in = W_out.shape
-        stats = ProjectedOutputStats(n_in, n_out) if use_clean and self.fp is None else InputStats(n_in)
+        projected = use_clean and self.fp is None
+        stats = ProjectedOutputStats(n_in, n_out) if projected else InputStats(n_in)
+        if projected:
+            W_out32, bias32 = W_out.float(), None if bias is None else bias.float()
         # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
         # instead of running the sub-layer module a second time.
         inner_shape = (n, *hq.shape[1:-1], n_in)
@@ -248,9 +251,10 @@ class LayerQuantizer:
                     continue
                 y = self._load(clean.out[sub.name], start, stop)
                 with timer("stats"):
-                    D, s_hat = self._output_difference(h_b, y, hq_b, F.linear(xq, W_out, bias), bias,
-                                                       alpha_out, beta, noa)
-                    stats.add(self._flat(xq), D, s_hat)
+                    flat_xq = self._flat(xq)
+                    D, s_hat = projected_difference(self._flat(h_b), self._flat(y), self._flat(hq_b), flat_xq,
+                                                    W_out32, bias32, alpha_out, beta, self.eps if noa else None)
+                    stats.add(flat_xq, D, s_hat)
         q = self._solve(f"{sub.name}.w_out", W_out.float(), stats, alpha_out, beta)
         self.result.weights[sub.w_out] = q
         del stats
@@ -264,19 +268,6 @@ class LayerQuantizer:
                 out = hq_b + F.linear(xq, Q, bias)
             with timer("write"):
                 hq_next.write(start, out)
-
-    def _output_difference(self, h, y, hq, yq, bias, alpha: float, beta: float, noa: bool):
-        """Per-token D of ``ProjectedOutputStats`` (and s_hat): with s = r(h + Y), s_hat = r(h_hat + Y_hat)
-        (ones when not normalised), D = s*(alpha*(Y - b) + beta*(h + b)) - s_hat*(alpha*(Y_hat - b) + beta*(h_hat + b))."""
-        h, y, hq, yq = (t.to(torch.float32) for t in (h, y, hq, yq))
-        b = 0.0 if bias is None else bias.to(torch.float32)
-        clean_side = alpha * (y - b) + beta * (h + b)
-        quant_side = alpha * (yq - b) + beta * (hq + b)
-        if not noa:
-            return self._flat(clean_side - quant_side), None
-        s = rms_factor(h + y, self.eps).unsqueeze(-1)
-        s_hat = rms_factor(hq + yq, self.eps).unsqueeze(-1)
-        return self._flat(s * clean_side - s_hat * quant_side), s_hat.reshape(-1)
 
     def _in_memory(self, arrays: list[SampleArray]) -> list[SampleArray]:
         """The arrays read once into host memory when together they fit the cache budget (each is

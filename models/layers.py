@@ -126,10 +126,3 @@ def call_sublayer(layer: nn.Module, sub, hidden: torch.Tensor, contexts: "Contex
         return module(hidden_states=x, position_embeddings=ctx.position_embeddings,
                       attention_mask=ctx.mask_for(contexts.config, index))[0]
     return module(x)
-
-
-def rms_factor(hidden: torch.Tensor, eps: float) -> torch.Tensor:
-    """Per-token RMSNorm factor r(x) = (mean(x^2) + eps)^-1/2 (paper eq. 1), computed as transformers'
-    RMSNorm does (in float32). hidden: (..., d) -> (...)."""
-    h = hidden.to(torch.float32)
-    return torch.rsqrt(h.pow(2).mean(-1) + eps)

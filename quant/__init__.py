@@ -31,7 +31,7 @@ from .hadamard import Hadamard, HadamardSizeError
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
-from .stats import InputStats, OutputStats, ProjectedOutputStats
+from .stats import InputStats, OutputStats, ProjectedOutputStats, projected_difference, token_rms_factor
 from .targets import TargetSpec, loaq_target, shifted_target
 
 __all__ = [

@@ -49,7 +49,7 @@ class InputStats:
         """X: (..., in) clean-stream input, or None when it is Xq itself; Xq: (..., in) quantized-stream
         input, same tokens."""
         Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=self._H.device, dtype=self.compute_dtype)
-        self._H += (Xq.T @ Xq).to(torch.float64)
+        self._H += Xq.T @ Xq  # float32 product added into the float64 sum (cast inline, no copy)
         if X is not None:
             X = _as_tokens(X, self.n_in, "X")
             if X.shape[0] != Xq.shape[0]:
@@ -57,7 +57,7 @@ class InputStats:
             X = X.to(device=self._H.device, dtype=self.compute_dtype)
             if self._C is None:
                 self._C = torch.zeros_like(self._H)
-            self._C += (Xq.T @ (X - Xq)).to(torch.float64)
+            self._C += Xq.T @ (X - Xq)
         self.n_tokens += Xq.shape[0]
 
     def merge(self, other: "InputStats") -> "InputStats":
@@ -130,9 +130,9 @@ class OutputStats:
             sq = _as_token_scale(sq, n, "sq").to(device=dev, dtype=dt)[:, None]
             X, h = s * X, s * h
             Xq, hq = sq * Xq, sq * hq
-        self._H += (Xq.T @ Xq).to(torch.float64)
-        self._C += (Xq.T @ (X - Xq)).to(torch.float64)
-        self._B += (Xq.T @ (h - hq)).to(torch.float64)
+        self._H += Xq.T @ Xq
+        self._C += Xq.T @ (X - Xq)
+        self._B += Xq.T @ (h - hq)
         self.n_tokens += n
 
     def merge(self, other: "OutputStats") -> "OutputStats":
@@ -156,6 +156,50 @@ class OutputStats:
     @property
     def B(self) -> torch.Tensor:
         return self._B
+
+
+def token_rms_factor(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-token RMSNorm factor r(x) = (mean(x²) + eps)^-1/2 (paper eq. 1) of x (t, d) float32 -> (t,).
+    One pass over x (a vector norm) instead of x², its mean and the temporaries in between."""
+    return torch.linalg.vector_norm(x, dim=-1).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+def projected_difference(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    hq: torch.Tensor,
+    xq: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    alpha: float,
+    beta: float,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """D of ``ProjectedOutputStats`` for one micro-batch, and ŝ (None when unnormalised).
+
+    h, hq: (t, out) residual inputs of the two streams; y: (t, out) the clean sub-layer output
+    XWᵀ + b; xq: (t, in) the quantized stream's W_out input; W: (out, in); eps: the next RMSNorm's
+    epsilon (s, ŝ = r(h + Y), r(ĥ + Ŷ), paper eq. 12), or None for s = ŝ = 1 (eq. 9).
+
+    With u = h + Y and û = ĥ + Ŷ the sub-layer outputs added to their residuals,
+        α(Y − b) + β(h + b) = α·u + (β − α)(h + b),
+    so D = s·(α·u + (β − α)(h + b)) − ŝ·(α·û + (β − α)(ĥ + b)). Written this way D costs û in the
+    matmul that makes Ŷ (addmm), one vector norm per stream and one fused multiply-add per term: a
+    quarter of the elementwise passes of forming each side separately (this runs on every token of
+    every W_out, so its passes over (t, out) cost as much as the statistics' matmuls on a CPU).
+    """
+    hb, hqb = (h, hq) if bias is None else (h + bias, hq + bias)
+    u = h + y
+    uq = torch.addmm(hqb, xq, W.T)  # ĥ + b + X̂Wᵀ
+    if eps is None:
+        s = sq = torch.ones((), dtype=u.dtype, device=u.device)
+    else:
+        s, sq = token_rms_factor(u, eps)[:, None], token_rms_factor(uq, eps)[:, None]
+    D = u.mul_(s * alpha)  # u is ours: scaled in place
+    D.addcmul_(uq, sq, value=-alpha)
+    if beta != alpha:
+        D.addcmul_(hb, s, value=beta - alpha).addcmul_(hqb, sq, value=alpha - beta)
+    return D, (None if eps is None else sq[:, 0])
 
 
 class ProjectedOutputStats:
@@ -187,8 +231,8 @@ class ProjectedOutputStats:
             raise ValueError(f"Xq has {Xq.shape[0]} tokens but D has {D.shape[0]}")
         if sq is not None:
             Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(device=dev, dtype=dt)[:, None] * Xq
-        self._H += (Xq.T @ Xq).to(torch.float64)
-        self._R += (Xq.T @ D).to(torch.float64)
+        self._H += Xq.T @ Xq
+        self._R += Xq.T @ D
         self.n_tokens += Xq.shape[0]
 
     @property

@@ -216,7 +216,7 @@ class RecordWriter:
                 chunks=chunks,
                 # crc32c last: it checks the compressed bytes exactly as they are stored, so a
                 # truncated or altered chunk fails to decode instead of decoding to garbage.
-                compressors=[self._store.compressor, Crc32cCodec()],
+                compressors=[*self._store.compressors_for(stored), Crc32cCodec()],
                 fill_value=0,
                 # Write every chunk, even all-zero ones: a chunk missing on disk then always
                 # means damage (Zarr would otherwise silently read it back as zeros).

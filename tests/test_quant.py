@@ -23,6 +23,7 @@ from loaq.quant import (
     fit_scale_zero,
     gptq,
     loaq_target,
+    projected_difference,
     quantize_codes,
     rtn,
     shifted_target,
@@ -362,27 +363,31 @@ def test_w_out_normalized_target_is_least_squares_minimiser():
     assert residual(target) < 0.95 * residual(W)
 
 
+@pytest.mark.parametrize("alpha,beta", [(0.6, 0.3), (0.5, 0.5), (0.0, 0.4)])
 @pytest.mark.parametrize("normalized", [False, True])
-def test_projected_output_stats_equal_c_w_and_b_terms(normalized):
-    """The engine's W_out statistics need only Y = XWᵀ + b from the clean stream: their R equals
-    α·C·Wᵀ + β·B of the full OutputStats, and the target is the same."""
-    n_in, n_out, alpha, beta = 48, 32, 0.6, 0.3
+def test_projected_output_stats_equal_c_w_and_b_terms(normalized, alpha, beta):
+    """The engine's W_out statistics need only Y = XWᵀ + b from the clean stream: with D from
+    ``projected_difference`` (per micro-batch, from h, Y, ĥ, X̂), R equals α·C·Wᵀ + β·B of the full
+    OutputStats, and the target is the same."""
+    n_in, n_out, eps = 48, 32, 1e-6
     X, Xq, h, hq = two_streams(384, n_in, n_out)
     W = torch.randn(n_out, n_in, dtype=torch.float64)
     bias = torch.randn(n_out, dtype=torch.float64)
     Y, Yq = X @ W.T + bias, Xq @ W.T + bias
-    s, sq = (rms_factor(h + Y), rms_factor(hq + Yq)) if normalized else (None, None)
+    s, sq = (rms_factor(h + Y, eps), rms_factor(hq + Yq, eps)) if normalized else (None, None)
     full = OutputStats(n_in, n_out, compute_dtype=torch.float64)
     projected = ProjectedOutputStats(n_in, n_out, compute_dtype=torch.float64)
     for a in range(0, 384, 96):
         b = a + 96
         pick = lambda t: None if t is None else t[a:b]
         full.add(X[a:b], Xq[a:b], h[a:b] + bias, hq[a:b] + bias, pick(s), pick(sq))
-        ones = torch.ones(b - a, 1, dtype=torch.float64)
-        s_b = ones if s is None else s[a:b, None]
-        sq_b = ones if sq is None else sq[a:b, None]
-        D = s_b * (alpha * (Y[a:b] - bias) + beta * (h[a:b] + bias)) - sq_b * (alpha * (Yq[a:b] - bias) + beta * (hq[a:b] + bias))
-        projected.add(Xq[a:b], D, pick(sq))
+        D, s_hat = projected_difference(h[a:b], Y[a:b], hq[a:b], Xq[a:b], W, bias, alpha, beta,
+                                        eps if normalized else None)
+        if normalized:
+            torch.testing.assert_close(s_hat, sq[a:b], rtol=1e-12, atol=0)
+        else:
+            assert s_hat is None
+        projected.add(Xq[a:b], D, s_hat)
     torch.testing.assert_close(projected.H, full.H, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(projected.R, alpha * full.C @ W.T + beta * full.B, rtol=1e-10, atol=1e-9)
     hessian = damp_hessian(full.H, percdamp=0.01)

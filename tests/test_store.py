@@ -160,6 +160,28 @@ def test_round_trip_in_micro_batches(tmp_path, dtype):
     assert 0 < store.size(key) == record.stored_nbytes
 
 
+def test_float32_arrays_are_stored_raw_and_the_others_compressed(tmp_path):
+    """zstd barely shrinks float32 hidden states and slows every read of them: float32/float64
+    chunks are stored raw (still checksummed), bf16 and integer ones compressed; a store given
+    its own codec uses it for every array."""
+    from zarr.codecs import ZstdCodec
+
+    def codecs(store: Store) -> dict[str, list[str]]:
+        key = stage_key("clean_layer", 1, layer=0)
+        with store.writer(key, kind="clean_state") as w:
+            for dtype in (torch.float32, torch.float64, torch.bfloat16, torch.int8):
+                name = str(dtype).removeprefix("torch.")
+                w.put(name, torch.zeros(64, 8, dtype=dtype))
+        record = store.open(key)
+        return {n: [type(c).__name__ for c in record._array(n).compressors] for n in record.names}
+
+    assert codecs(Store(tmp_path / "default")) == {
+        "float32": ["Crc32cCodec"], "float64": ["Crc32cCodec"],
+        "bfloat16": ["ZstdCodec", "Crc32cCodec"], "int8": ["ZstdCodec", "Crc32cCodec"]}
+    chosen = codecs(Store(tmp_path / "chosen", compressor=ZstdCodec(level=3)))
+    assert set(map(tuple, chosen.values())) == {("ZstdCodec", "Crc32cCodec")}
+
+
 def test_round_trip_of_numpy_arrays_on_a_memory_url():
     store = Store(f"memory://loaq-test-{uuid.uuid4().hex}")
     key = stage_key("calibration", 1, model="m", spec={"n": 4})
