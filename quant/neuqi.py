@@ -77,6 +77,7 @@ class _SortedRows:
 
     def __init__(self, w: torch.Tensor, d: torch.Tensor):
         self.w, order = w.sort(dim=1)
+        self.w = self.w.contiguous()  # sort keeps a strided input's layout; searchsorted wants rows contiguous
         d = d.gather(1, order)
         zero = torch.zeros_like(d[:, :1])
         self.d = torch.cat([zero, d.cumsum(1)], 1)  # (rows, k + 1): Σ_{i<j} d_i
