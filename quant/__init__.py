@@ -15,15 +15,8 @@ becomes in our convention
     W̃ = W + α (H⁻¹ C Wᵀ)ᵀ + β (H⁻¹ B)ᵀ.
 """
 
-from .grid import (
-    QuantizedWeight,
-    QuantSpec,
-    dequantize,
-    fake_quantize,
-    fit_scale_zero,
-    group_index,
-    quantize_codes,
-)
+from .grid import QuantizedWeight, QuantSpec, fit_scale_zero, group_index
+from .uniform import dequantize, fake_quantize, quantize_codes
 from .activations import TokenQuantizer
 from .gptaq import asymmetric_feedback, gptaq
 from .gptq import ColumnOrder, GPTQResult, column_order, gptq
@@ -44,6 +37,8 @@ __all__ = [
     "InputStats",
     "OutputStats",
     "ProjectedOutputStats",
+    "projected_difference",
+    "token_rms_factor",
     "QuantSpec",
     "QuantizedWeight",
     "TargetSpec",

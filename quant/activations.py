@@ -17,7 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import QuantSpec, fake_quantize, fit_scale_zero
+from .grid import QuantSpec, fit_scale_zero
+from .uniform import fake_quantize
 
 
 @dataclass(frozen=True)

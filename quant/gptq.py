@@ -38,7 +38,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .grid import QuantizedWeight, QuantSpec, dequantize, fit_scale_zero, quantize_codes
+from .grid import QuantizedWeight, QuantSpec, fit_scale_zero
+from .uniform import dequantize, quantize_codes
 from .hessian import DampedHessian
 
 

@@ -1,4 +1,4 @@
-"""Uniform integer quantization grid: specification, parameter fitting, (de)quantization.
+"""Uniform integer quantization grid: specification and parameter fitting (codes and dequantization: quant/uniform.py).
 
 A weight row ``w`` is mapped to integer codes ``c = clamp(round(w / scale + zero), 0, maxq)`` with
 ``maxq = 2**bits - 1`` and reconstructed as ``scale * (c - zero)``. Min-max zero points are integers
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .neuqi import neuqi_grid
+from .uniform import dequantize, fake_quantize
 
 # 16 bits is accepted as "do not quantize": the 16-bit sanity runs of the pipeline must give the
 # unquantized model back through the very same code path.
@@ -84,31 +85,6 @@ class QuantSpec:
     def uses_importance(self) -> bool:
         """Whether fitting the grid weighs columns by an importance (NeUQI: the Hessian diagonal)."""
         return self.grid_init == "neuqi" and not self.is_noop
-
-
-def _rounded(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """clamp(round(w / scale + zero), 0, maxq) as floats. The zero point's integer part is added after
-    rounding: for an integer zero point this is exactly round(w / scale) + zero, whereas adding it
-    before rounding could move a value by one ulp onto a rounding tie."""
-    whole = torch.floor(zero)
-    return torch.clamp(torch.round(w / scale + (zero - whole)) + whole, 0, maxq)
-
-
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Integer codes in [0, maxq] as uint8 (maxq <= 255). ``scale``/``zero`` broadcast against ``w``."""
-    if maxq > 255:
-        raise ValueError(f"codes are stored as uint8, maxq={maxq} does not fit")
-    return _rounded(w, scale, zero, maxq).to(torch.uint8)
-
-
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    """``scale * (codes - zero)`` in the dtype of ``scale``."""
-    return scale * (codes.to(scale.dtype) - zero)
-
-
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    """Quantize and dequantize in one go; bit-identical to ``dequantize(quantize_codes(...))``."""
-    return scale * (_rounded(w, scale, zero, maxq) - zero)
 
 
 def fit_scale_zero(w: torch.Tensor, spec: QuantSpec,

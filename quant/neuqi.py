@@ -54,6 +54,8 @@ from __future__ import annotations
 
 import torch
 
+from .uniform import fake_quantize
+
 # bins per unit of z in the binned search
 _BINS = 128
 _CPU_CHUNK = 18
@@ -203,8 +205,6 @@ def _fixed_zero_loss(u: torch.Tensor, d: torch.Tensor, zero: float, maxq: int) -
 
 def weighted_error(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, d: torch.Tensor, maxq: int) -> torch.Tensor:
     """Σ_i d_i (q(w_i) − w_i)² per row, q the grid's fake quantization as the quantizers apply it. (rows,)"""
-    from .grid import fake_quantize
-
     err = fake_quantize(w, scale, zero, maxq) - w
     return (d.to(torch.float64) * err.to(torch.float64).square()).sum(1)
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .grid import QuantizedWeight, QuantSpec, fit_scale_zero, group_index, quantize_codes, dequantize
+from .grid import QuantizedWeight, QuantSpec, fit_scale_zero, group_index
+from .uniform import dequantize, quantize_codes
 
 
 def rtn(W: torch.Tensor, spec: QuantSpec, importance: torch.Tensor | None = None) -> QuantizedWeight:
