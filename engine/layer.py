@@ -222,10 +222,8 @@ class LayerQuantizer:
         linear = self.w_out[sub.name]
         W_out, bias = linear.weight, linear.bias
         n_out, n_in = W_out.shape
-        projected = use_clean and self.fp is None
-        stats = ProjectedOutputStats(n_in, n_out) if projected else InputStats(n_in)
-        if projected:
-            W_out32, bias32 = W_out.float(), None if bias is None else bias.float()
+        W_out32, bias32 = W_out.float(), None if bias is None else bias.float()  # no copy when float32
+        stats = ProjectedOutputStats(n_in, n_out) if use_clean and self.fp is None else InputStats(n_in)
         # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
         # instead of running the sub-layer module a second time.
         inner_shape = (n, *hq.shape[1:-1], n_in)
@@ -255,7 +253,7 @@ class LayerQuantizer:
                     D, s_hat = projected_difference(self._flat(h_b), self._flat(y), self._flat(hq_b), flat_xq,
                                                     W_out32, bias32, alpha_out, beta, self.eps if noa else None)
                     stats.add(flat_xq, D, s_hat)
-        q = self._solve(f"{sub.name}.w_out", W_out.float(), stats, alpha_out, beta)
+        q = self._solve(f"{sub.name}.w_out", W_out32, stats, alpha_out, beta)
         self.result.weights[sub.w_out] = q
         del stats
 

@@ -24,7 +24,7 @@ from .hadamard import Hadamard, HadamardSizeError
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
-from .stats import InputStats, OutputStats, ProjectedOutputStats, projected_difference, token_rms_factor
+from .stats import InputStats, OutputStats, ProjectedOutputStats, projected_difference
 from .targets import TargetSpec, loaq_target, shifted_target
 
 __all__ = [
@@ -38,7 +38,6 @@ __all__ = [
     "OutputStats",
     "ProjectedOutputStats",
     "projected_difference",
-    "token_rms_factor",
     "QuantSpec",
     "QuantizedWeight",
     "TargetSpec",
