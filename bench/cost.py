@@ -13,6 +13,9 @@ The machine is noisy, so the (method, situation) cells are interleaved within ea
 in a rotated order, and the table reports the median over repetitions and the spread (min-max)
 of the per-repetition ratio to GPTQ. The per-phase breakdown (read, quantized-stream forward,
 statistics, solve, write; clean stage) is summed over the layers from what each layer records.
+Each cell also records its peak host memory (the process's resident-set high-water mark, reset
+before the cell through ``/proc/self/clear_refs``; Linux only, "-" elsewhere) and, on CUDA, its
+peak device memory (``torch.cuda.max_memory_allocated``, reset likewise).
 
     .venv/bin/python bench/cost.py [--layers 8] [--reps 3] [--methods gptq loaq] [--set quantize.bits=4]
 
@@ -22,6 +25,8 @@ Prints a table and writes ``bench/results/cost.json`` (and ``cost.md``).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
 import json
 import platform
 import statistics
@@ -48,6 +53,35 @@ def drop(store, kinds: tuple[str, ...]) -> None:
             store.delete(info.key)
 
 
+def reset_peaks() -> None:
+    """Start a new high-water mark for host RSS (Linux: writing 5 to clear_refs resets VmHWM) and
+    for CUDA allocations. Memory the earlier cells freed is first handed back to the system
+    (glibc's malloc_trim), so that a cell's peak does not start from what they left resident."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peaks() -> dict[str, float | None]:
+    """Peak host RSS and peak CUDA memory (MiB) since ``reset_peaks``; None where not measurable."""
+    host = None
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                host = int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    device = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+    return {"peak_rss_mib": host, "peak_device_mib": device}
+
+
 def time_cell(ctx, model, config, method: str, situation: str, layers: int, embedding: str) -> dict:
     """Quantize the first ``layers`` layers with ``method``; returns wall seconds and phases."""
     store = ctx.store
@@ -63,6 +97,8 @@ def time_cell(ctx, model, config, method: str, situation: str, layers: int, embe
             clean_layer_stage.fn(ctx, model, index, clean[index])
     chain, variant = chain_keys(embedding, cfg, model.num_layers), chain_id(embedding, cfg)
     phases: dict[str, float] = {}
+    gc.collect()
+    reset_peaks()
     started = time.perf_counter()
     for index in range(layers):
         if situation == "cold":
@@ -71,11 +107,14 @@ def time_cell(ctx, model, config, method: str, situation: str, layers: int, embe
             phases["clean stage"] = phases.get("clean stage", 0.0) + time.perf_counter() - t
         quantize_layer_stage.fn(ctx, model, index, cfg, variant, chain[index],
                                 embedding if index == 0 else chain[index - 1], clean[index], clean[index + 1])
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - started
+    memory = peaks()
     for index in range(layers):
         for phase, s in store.open(weights_key(chain[index])).attrs.get("seconds", {}).items():
             phases[phase] = phases.get(phase, 0.0) + s
-    return {"seconds": seconds, "phases": phases}
+    return {"seconds": seconds, "phases": phases, **memory}
 
 
 def main() -> None:
@@ -118,16 +157,27 @@ def main() -> None:
                      "seconds": mine, "ratio_to_gptq_median": statistics.median(ratios),
                      "ratio_to_gptq_min": min(ratios), "ratio_to_gptq_max": max(ratios),
                      "phases_median": {p: statistics.median(r["phases"].get(p, 0.0) for r in runs[(method, situation)])
-                                       for p in phase_names}})
+                                       for p in phase_names},
+                     **{m: max((r[m] for r in runs[(method, situation)] if r[m] is not None), default=None)
+                        for m in ("peak_rss_mib", "peak_device_mib")}})
 
+    device = f"{ctx.runtime.device} ({str(ctx.runtime.dtype).removeprefix('torch.')})"
+    if ctx.runtime.device == "cuda":
+        device += f", {torch.cuda.get_device_name()}"
     phases = ["clean stage", "read", "quant_forward", "stats", "solve", "write"]
+    memory = [("peak RSS MiB", "peak_rss_mib")]
+    if any(r["peak_device_mib"] is not None for r in rows):
+        memory.append(("peak device MiB", "peak_device_mib"))
     header = (f"SmolLM2-135M, {config.quantize.bits}-bit channel-wise, first {args.layers} of {model.num_layers} layers, "
               f"calibration {config.calibration.n_samples}x{config.calibration.seqlen} tokens, "
-              f"{torch.get_num_threads()} threads, {args.reps} interleaved repetitions (median; ratio spread min-max)")
-    lines = [header, "", "| method | situation | seconds | ratio to GPTQ | " + " | ".join(phases) + " |",
-             "| --- | --- | ---: | ---: |" + " ---: |" * len(phases)]
+              f"{torch.get_num_threads()} threads, {args.reps} interleaved repetitions (median; ratio spread min-max; "
+              f"phases in seconds; peak memory: the largest over repetitions), device {device}")
+    names = phases + [name for name, _ in memory]
+    lines = [header, "", "| method | situation | seconds | ratio to GPTQ | " + " | ".join(names) + " |",
+             "| --- | --- | ---: | ---: |" + " ---: |" * len(names)]
     for r in rows:
         cells_ = [f"{r['phases_median'].get(p, 0.0):.2f}" for p in phases]
+        cells_ += ["-" if r[key] is None else f"{r[key]:.0f}" for _, key in memory]
         lines.append(f"| {r['method']} | {r['situation']} | {r['seconds_median']:.2f} | "
                      f"{r['ratio_to_gptq_median']:.3f} ({r['ratio_to_gptq_min']:.3f}-{r['ratio_to_gptq_max']:.3f}) | "
                      + " | ".join(cells_) + " |")
@@ -138,7 +188,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"header": header, "rows": rows, "commit": commit, "torch": torch.__version__,
-                               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                               "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(), "device": device,
                                "layers": args.layers, "reps": args.reps, "config": config.model_dump(mode="json")},
                               indent=1))
     out.with_suffix(".md").write_text(table + "\n")

@@ -190,6 +190,9 @@ def main() -> None:
         rows.append(row)
         this_run.append(row)
         print(json.dumps(row), flush=True)
+    if not this_run and args.append:
+        print(f"every variant of grid {args.grid!r} is already in {previous}; table left as it is")
+        return
     add_cost_ratios(this_run)
 
     q = config.quantize
@@ -202,11 +205,19 @@ def main() -> None:
               f"GPTAQ alpha={q.gptaq_alpha}; Qronos with the clean stream restarted at every decoder layer; "
               f"damping percdamp={q.percdamp} for all; "
               f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, commit {commit()}, {time.strftime('%Y-%m-%d')}")
-    tasks = sorted({t for r in rows for t in r.get("zero_shot", {})})
+    tasks = sorted({t for r in rows for t in r.get("zero_shot", {}) if t != "mean"})
     if tasks:
         ev = config.evaluation
         header += (f"; zero-shot (lm-eval, 0-shot, acc_norm where defined, else acc): first "
                    f"{ev.zero_shot_limit or 'all'} items of each task")
+        if ev.zero_shot_limit:
+            # binomial standard error, at its largest (accuracy 50%)
+            header += (f" (standard error up to {50 / ev.zero_shot_limit ** 0.5:.1f} points per task, "
+                       f"{50 / (ev.zero_shot_limit * len(tasks)) ** 0.5:.1f} for the mean)")
+        tasks.append("mean")
+        for accs in (fp_zero_shot, *(r["zero_shot"] for r in rows if "zero_shot" in r)):
+            present = [accs[t] for t in tasks[:-1] if accs.get(t) is not None]
+            accs["mean"] = sum(present) / len(present) if len(present) == len(tasks) - 1 else None
     cell = lambda acc: "-" if acc is None else f"{100 * acc:.1f}"
     lines = [f"_{header}_", "", "| method | bits | group | setting | act-order | "
              + " | ".join([*(f"{d} ppl" for d in datasets), *tasks]) + " | quantize s | x GPTQ |",
