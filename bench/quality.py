@@ -214,10 +214,11 @@ def main() -> None:
             # binomial standard error, at its largest (accuracy 50%)
             header += (f" (standard error up to {50 / ev.zero_shot_limit ** 0.5:.1f} points per task, "
                        f"{50 / (ev.zero_shot_limit * len(tasks)) ** 0.5:.1f} for the mean)")
-        tasks.append("mean")
+        # the mean over the tasks, where a model has every one of them
         for accs in (fp_zero_shot, *(r["zero_shot"] for r in rows if "zero_shot" in r)):
-            present = [accs[t] for t in tasks[:-1] if accs.get(t) is not None]
-            accs["mean"] = sum(present) / len(present) if len(present) == len(tasks) - 1 else None
+            present = [accs[t] for t in tasks if accs.get(t) is not None]
+            accs["mean"] = sum(present) / len(tasks) if len(present) == len(tasks) else None
+        tasks = [*tasks, "mean"]
     cell = lambda acc: "-" if acc is None else f"{100 * acc:.1f}"
     lines = [f"_{header}_", "", "| method | bits | group | setting | act-order | "
              + " | ".join([*(f"{d} ppl" for d in datasets), *tasks]) + " | quantize s | x GPTQ |",
