@@ -10,6 +10,10 @@ float64 so that rounding does not grow with the number of batches. Pass
 
 C = Σ X̂ᵀ(X − X̂) is accumulated from the difference X − X̂, never as Σ X̂ᵀX − Σ X̂ᵀX̂, which
 would cancel catastrophically when the streams are close.
+
+The Gram sums H = Σ X̂ᵀX̂ are symmetric, and torch has no symmetric rank-k update, so ``SymmetricSum``
+forms only the block upper triangle (4 column blocks: 10 of 16 block products, ~0.63 of the flops)
+and mirrors it once when H is read. H is the largest product of every method (GPTQ's only one).
 """
 
 from __future__ import annotations
@@ -31,6 +35,47 @@ def _as_token_scale(s: torch.Tensor, n_tokens: int, name: str) -> torch.Tensor:
     return s
 
 
+class SymmetricSum:
+    """Σ XᵀX over micro-batches X (t, n), in float64: the products of the column blocks on and above the
+    diagonal only, mirrored below when read (``value``). Measured here on 4096 tokens into a float64
+    sum: 576 wide 14.5 -> 9.9 ms, 1536 wide 108 -> 67 ms per batch (2 threads)."""
+
+    #: column blocks; below ``_MIN_WIDTH`` columns the full product is taken (blocks too small to pay)
+    BLOCKS = 4
+    _MIN_WIDTH = 256
+
+    def __init__(self, n: int, *, device=None) -> None:
+        self._sum = torch.zeros(n, n, dtype=torch.float64, device=device)
+        self._step = n if n < self._MIN_WIDTH else -(-n // self.BLOCKS)
+        self._mirrored = True  # the part below the block diagonal is up to date
+
+    @property
+    def device(self) -> torch.device:
+        return self._sum.device
+
+    def add(self, X: torch.Tensor) -> None:
+        """X: (t, n), in the precision the product is to be computed in; the sum stays float64."""
+        n, step = X.shape[1], self._step
+        for start in range(0, n, step):
+            self._sum[start:start + step, start:] += X[:, start:start + step].T @ X[:, start:]
+        self._mirrored = step >= n
+
+    def add_sum(self, other: "SymmetricSum") -> None:
+        """Add another sum of the same width (its mirrored part is rebuilt from the upper one)."""
+        self._sum += other._sum.to(self._sum.device)
+        self._mirrored = self._mirrored and other._mirrored
+
+    @property
+    def value(self) -> torch.Tensor:
+        """The full symmetric (n, n) float64 sum (the accumulator itself: callers may modify it)."""
+        if not self._mirrored:
+            n, step = self._sum.shape[0], self._step
+            for start in range(0, n - step, step):
+                self._sum[start + step:, start:start + step] = self._sum[start:start + step, start + step:].T
+            self._mirrored = True
+        return self._sum
+
+
 class InputStats:
     """H = Σ X̂ᵀX̂ and C = Σ X̂ᵀ(X − X̂), both (in, in), for a layer fed by the input stream (W_in).
 
@@ -41,7 +86,7 @@ class InputStats:
     def __init__(self, n_in: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
         self.n_in = n_in
         self.compute_dtype = compute_dtype
-        self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._H = SymmetricSum(n_in, device=device)
         self._C: torch.Tensor | None = None
         self.n_tokens = 0
 
@@ -49,14 +94,14 @@ class InputStats:
         """X: (..., in) clean-stream input, or None when it is Xq itself; Xq: (..., in) quantized-stream
         input, same tokens."""
         Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=self._H.device, dtype=self.compute_dtype)
-        self._H += Xq.T @ Xq  # float32 product added into the float64 sum (cast inline, no copy)
+        self._H.add(Xq)  # float32 products added into the float64 sum (cast inline, no copy)
         if X is not None:
             X = _as_tokens(X, self.n_in, "X")
             if X.shape[0] != Xq.shape[0]:
                 raise ValueError(f"X has {X.shape[0]} tokens but Xq has {Xq.shape[0]}")
             X = X.to(device=self._H.device, dtype=self.compute_dtype)
             if self._C is None:
-                self._C = torch.zeros_like(self._H)
+                self._C = torch.zeros(self.n_in, self.n_in, dtype=torch.float64, device=self._H.device)
             self._C += Xq.T @ (X - Xq)
         self.n_tokens += Xq.shape[0]
 
@@ -64,7 +109,7 @@ class InputStats:
         """Add another accumulator's sums (e.g. a resumed partial run) into this one."""
         if not isinstance(other, InputStats) or other.n_in != self.n_in:
             raise ValueError("can only merge InputStats of the same width")
-        self._H += other._H.to(self._H.device)
+        self._H.add_sum(other._H)
         if other._C is not None:
             self._C = other._C.to(self._H.device).clone() if self._C is None else self._C + other._C.to(self._H.device)
         self.n_tokens += other.n_tokens
@@ -72,7 +117,7 @@ class InputStats:
 
     @property
     def H(self) -> torch.Tensor:
-        return self._H
+        return self._H.value
 
     @property
     def C(self) -> torch.Tensor | None:
@@ -100,7 +145,7 @@ class OutputStats:
         self.n_in = n_in
         self.n_out = n_out
         self.compute_dtype = compute_dtype
-        self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._H = SymmetricSum(n_in, device=device)
         self._C = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
         self._B = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
         self.n_tokens = 0
@@ -130,7 +175,7 @@ class OutputStats:
             sq = _as_token_scale(sq, n, "sq").to(device=dev, dtype=dt)[:, None]
             X, h = s * X, s * h
             Xq, hq = sq * Xq, sq * hq
-        self._H += Xq.T @ Xq
+        self._H.add(Xq)
         self._C += Xq.T @ (X - Xq)
         self._B += Xq.T @ (h - hq)
         self.n_tokens += n
@@ -139,7 +184,7 @@ class OutputStats:
         """Add another accumulator's sums (e.g. a resumed partial run) into this one."""
         if not isinstance(other, OutputStats) or (other.n_in, other.n_out) != (self.n_in, self.n_out):
             raise ValueError("can only merge OutputStats of the same shape")
-        self._H += other._H.to(self._H.device)
+        self._H.add_sum(other._H)
         self._C += other._C.to(self._C.device)
         self._B += other._B.to(self._B.device)
         self.n_tokens += other.n_tokens
@@ -147,7 +192,7 @@ class OutputStats:
 
     @property
     def H(self) -> torch.Tensor:
-        return self._H
+        return self._H.value
 
     @property
     def C(self) -> torch.Tensor:
@@ -218,7 +263,7 @@ class ProjectedOutputStats:
     def __init__(self, n_in: int, n_out: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
         self.n_in, self.n_out = n_in, n_out
         self.compute_dtype = compute_dtype
-        self._H = torch.zeros(n_in, n_in, dtype=torch.float64, device=device)
+        self._H = SymmetricSum(n_in, device=device)
         self._R = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
         self.n_tokens = 0
 
@@ -231,13 +276,13 @@ class ProjectedOutputStats:
             raise ValueError(f"Xq has {Xq.shape[0]} tokens but D has {D.shape[0]}")
         if sq is not None:
             Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(device=dev, dtype=dt)[:, None] * Xq
-        self._H += Xq.T @ Xq
+        self._H.add(Xq)
         self._R += Xq.T @ D
         self.n_tokens += Xq.shape[0]
 
     @property
     def H(self) -> torch.Tensor:
-        return self._H
+        return self._H.value
 
     @property
     def R(self) -> torch.Tensor:

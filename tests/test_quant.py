@@ -489,6 +489,33 @@ def test_w_in_target_equals_the_formula_in_either_solve_order(n_out):
     torch.testing.assert_close(loaq_target(W, hessian, stats.C, None, 0.7, 0.0), expected, rtol=tol, atol=tol)
 
 
+def test_symmetric_gram_sum_equals_the_full_product():
+    # H is accumulated from the column blocks on and above the diagonal only and mirrored when read:
+    # every width (blocked or not, uneven last block), reads between adds and merges of a read with an
+    # unread sum must give the full Σ XᵀX.
+    for width in (48, 256, 300, 577):
+        X = correlated_inputs(400, width, dtype=torch.float64)
+        stats = InputStats(width, compute_dtype=torch.float64)
+        for i, chunk in enumerate(X.split(130)):
+            stats.add(None, chunk)
+            if i == 1:  # a read in the middle (the mirrored part must be redone after more adds)
+                torch.testing.assert_close(stats.H, X[:260].T @ X[:260], rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(stats.H, X.T @ X, rtol=1e-12, atol=1e-9)
+        unread = InputStats(width, compute_dtype=torch.float64)
+        unread.add(None, X[:100])
+        read = InputStats(width, compute_dtype=torch.float64)
+        read.add(None, X[100:])
+        read.H
+        torch.testing.assert_close(unread.merge(read).H, X.T @ X, rtol=1e-12, atol=1e-9)
+        torch.testing.assert_close(InputStats(width).merge(stats).H, X.T @ X, rtol=1e-12, atol=1e-9)
+    # the W_out accumulators block their H the same way
+    X = correlated_inputs(200, 300, dtype=torch.float64)
+    D = torch.randn(200, 7, dtype=torch.float64)
+    projected = ProjectedOutputStats(300, 7, compute_dtype=torch.float64)
+    projected.add(X, D)
+    torch.testing.assert_close(projected.H, X.T @ X, rtol=1e-12, atol=1e-9)
+
+
 def test_single_stream_input_stats_skip_the_mismatch_term():
     # GPTQ has one stream: passing X=None must give the same H as passing X = Xq, and no C at all
     # (neither its product per micro-batch nor its (in, in) accumulator).
