@@ -18,7 +18,7 @@ projection, shown next to the paper's Table 6 and the GPTQ times users report fo
     .venv/bin/python bench/projection.py                 # CPU: scaled down; GPU: real shapes
     .venv/bin/python bench/projection.py --shapes llama3-8b --samples 32
 
-Prints a table and writes ``bench/results/projection.json`` (``projection_<device>.json`` with --tag).
+Prints a table and writes ``bench/results/projection.json`` (another path with ``--out``).
 """
 
 from __future__ import annotations
@@ -183,7 +183,7 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=4)
     ap.add_argument("--scale", type=int, default=16, help="CPU only: divide every width by this")
     ap.add_argument("--token-scale", type=int, default=64, help="CPU only: divide the calibration tokens by this")
-    ap.add_argument("--methods", nargs="+", default=["gptq", "loaq"])
+    ap.add_argument("--methods", nargs="+", default=["gptq", "loaq"], choices=["gptq", "loaq"])
     ap.add_argument("--out", default=str(RESULTS / "projection.json"))
     args = ap.parse_args()
 
@@ -203,7 +203,8 @@ def main() -> None:
             evals = 2  # WikiText-2 and C4: one forward of the model each, ~ one clean stage per layer
             for method in args.methods:
                 row[f"{method}_model_min"] = (row["clean_stage_s"] * (1 + evals) + row[f"{method}_s"]) * real.layers / 60
-            row["loaq_over_gptq"] = row["loaq_s"] / row["gptq_s"]
+            if {"gptq", "loaq"} <= set(args.methods):
+                row["loaq_over_gptq"] = row["loaq_s"] / row["gptq_s"]
         row["reference_minutes"] = REFERENCE_MINUTES.get(name, {})
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_phases")}, default=str), flush=True)
@@ -217,11 +218,12 @@ def main() -> None:
     for r in rows:
         peak = f"{max(r.get('gptq_peak_gib', 0), r.get('loaq_peak_gib', 0), r.get('clean_stage_peak_gib', 0)):.1f}" \
             if r["projected"] else "-"
-        proj = f"{r['gptq_model_min']:.1f} / {r['loaq_model_min']:.1f}" if r["projected"] else "- (scaled run)"
+        num = lambda key, fmt=".2f": format(r[key], fmt) if key in r else "-"  # a method left out: "-"
+        proj = f"{num('gptq_model_min', '.1f')} / {num('loaq_model_min', '.1f')}" if r["projected"] else "- (scaled run)"
+        ratio = f"{r['loaq_s'] / r['gptq_s']:.2f}" if "loaq_s" in r and "gptq_s" in r else "-"
         ref = "; ".join(f"{k}: {v:g}" for k, v in r["reference_minutes"].items())
-        lines.append(f"| {r['shape']} | {r['clean_stage_s']:.2f} | {r['gptq_s']:.2f} | {r['loaq_s']:.2f} | "
-                     f"{r['loaq_s'] / r['gptq_s']:.2f} | {peak} | {r['accounted_peak_real_shape_gib']['total']:.1f} | "
-                     f"{proj} | {ref} |")
+        lines.append(f"| {r['shape']} | {r['clean_stage_s']:.2f} | {num('gptq_s')} | {num('loaq_s')} | "
+                     f"{ratio} | {peak} | {r['accounted_peak_real_shape_gib']['total']:.1f} | {proj} | {ref} |")
     table = "\n".join(lines)
     print()
     print(table)

@@ -206,7 +206,7 @@ class LayerQuantizer:
         quant_reads = input_transforms_of(submodule(self.quant, w_in_names[0]))
         clean_reads = self.model_transforms.get(w_in_names[0], ())
         W_in = torch.cat([submodule(self.quant, name).weight for name in w_in_names]).float()
-        stats = InputStats(W_in.shape[1])
+        stats = InputStats(W_in.shape[1], device=self.device)
         if gather:
             norm = submodule(self.quant, sub.norm)
             for start, stop in micro_batches(n, self.micro_batch):
@@ -223,7 +223,8 @@ class LayerQuantizer:
         W_out, bias = linear.weight, linear.bias
         n_out, n_in = W_out.shape
         W_out32, bias32 = W_out.float(), None if bias is None else bias.float()  # no copy when float32
-        stats = ProjectedOutputStats(n_in, n_out) if use_clean and self.fp is None else InputStats(n_in)
+        stats = (ProjectedOutputStats(n_in, n_out, device=self.device) if use_clean and self.fp is None
+                 else InputStats(n_in, device=self.device))
         # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
         # instead of running the sub-layer module a second time.
         inner_shape = (n, *hq.shape[1:-1], n_in)
@@ -261,7 +262,7 @@ class LayerQuantizer:
         Q = q.weight.to(device=self.device, dtype=self.dtype)
         for start, stop in micro_batches(n, self.micro_batch):
             hq_b = self._load(hq, start, stop)
-            xq = cache.read(start, stop) if cache is not None else self._inner(sub, hq_b)
+            xq = self._load(cache, start, stop) if cache is not None else self._inner(sub, hq_b)
             with timer("quant_forward"):
                 out = hq_b + F.linear(xq, Q, bias)
             with timer("write"):

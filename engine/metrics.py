@@ -34,7 +34,9 @@ class DivergenceMeter:
 
     @torch.no_grad()
     def add(self, h: torch.Tensor, hq: torch.Tensor) -> None:
-        x, xq = h.float().reshape(-1, h.shape[-1]), hq.float().reshape(-1, hq.shape[-1])
+        # h: the stored clean states (host); hq: the quantized stream as written (host or device)
+        x = h.to(device=hq.device, dtype=torch.float32).reshape(-1, h.shape[-1])
+        xq = hq.float().reshape(-1, hq.shape[-1])
         keep = x.pow(2).mean(-1).sqrt() <= self.threshold
         self.tokens += x.shape[0]
         self.outliers += int((~keep).sum())

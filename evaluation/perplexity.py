@@ -27,12 +27,14 @@ def final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
 
 @torch.no_grad()
 def window_nll(hidden: torch.Tensor, tokens: torch.Tensor, norm_weight: torch.Tensor, lm_head: torch.Tensor,
-               eps: float) -> torch.Tensor:
-    """Mean next-token NLL of each window. hidden: (n, seqlen, d) before the final norm;
-    tokens: (n, seqlen); lm_head: (vocab, d). One window's logits at a time (vocab x seqlen floats)."""
+               eps: float, device="cpu") -> torch.Tensor:
+    """Mean next-token NLL of each window. hidden: (n, seqlen, d) before the final norm (host);
+    tokens: (n, seqlen); lm_head: (vocab, d). One window's logits at a time (vocab x seqlen floats),
+    on ``device`` (the head is the largest matmul of the evaluation: 128k x 8192 for LLaMA-3-70B)."""
     out = torch.empty(tokens.shape[0], dtype=torch.float64)
+    norm_weight, lm_head = (t.to(device=device, dtype=hidden.dtype) for t in (norm_weight, lm_head))
     for i in range(tokens.shape[0]):
-        logits = F.linear(final_norm(hidden[i], norm_weight.to(hidden.dtype), eps), lm_head.to(hidden.dtype)).float()
+        logits = F.linear(final_norm(hidden[i].to(device), norm_weight, eps), lm_head).float()
         out[i] = F.cross_entropy(logits[:-1], tokens[i, 1:].to(logits.device)).double()
     return out
 
@@ -45,5 +47,6 @@ def perplexity(source: WeightSource, windows: torch.Tensor, *, device="cpu", dty
                micro_batch: int = 4, on_layer=None) -> tuple[float, torch.Tensor]:
     """GPTQ-protocol perplexity of ``source`` on ``windows`` (n, seqlen); returns (ppl, per-window NLL)."""
     hidden = stream_forward(source, windows, device=device, dtype=dtype, micro_batch=micro_batch, on_layer=on_layer)
-    nll = window_nll(hidden, windows, source.final_norm_weight(), source.lm_head_weight(), float(source.config.rms_norm_eps))
+    nll = window_nll(hidden, windows, source.final_norm_weight(), source.lm_head_weight(),
+                     float(source.config.rms_norm_eps), device)
     return perplexity_from_nll(nll), nll
