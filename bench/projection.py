@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,7 +65,12 @@ class Shape:
 SHAPES = {
     "llama3-8b": Shape(4096, 14336, 32, 8, 32),
     "llama3-70b": Shape(8192, 28672, 64, 8, 80),
+    # SmolLM2-135M's layer: LoaQ's cost over GPTQ's at the shapes the SmolLM2 benchmarks use, on a
+    # device where the real model cannot be loaded (random weights: the cost depends on shapes only)
+    "smollm2-135m": Shape(576, 1536, 9, 3, 30, 49152),
 }
+#: Shapes at most this wide run at their real widths on a CPU (only their tokens are scaled down).
+CPU_FULL_WIDTH = 1024
 # What other tools and the paper report (minutes), for the table's reference columns.
 REFERENCE_MINUTES = {
     "llama3-8b": {"GPTQ, other tools (A100)": 30.0, "paper Table 6, Qwen3-8B A40: GPTQ": 11.48,
@@ -136,7 +142,9 @@ def sync(device: str) -> None:
 
 
 def measure(name: str, s: Shape, samples: int, seqlen: int, micro_batch: int, device: str, dtype: torch.dtype,
-            methods: list[str]) -> dict:
+            methods: list[str], reps: int = 1) -> dict:
+    """One layer of shape ``s``: the clean stage once, then each method's quantize stage ``reps`` times
+    (interleaved); the median time per method and the median and range of LoaQ's ratio to GPTQ."""
     config, state = build_layer_state(s, dtype, device)
     source = OneLayer(config, state)
     contexts = ContextFactory(source.adapter, config, device)
@@ -156,22 +164,33 @@ def measure(name: str, s: Shape, samples: int, seqlen: int, micro_batch: int, de
         row["clean_stage_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
     # The quantized stream starts as a perturbed copy of the clean one, as after earlier layers.
     hq = MemoryArray((h.tensor.float() + 0.05 * torch.randn(h.shape, generator=g)).to(dtype))
-    for method in methods:
-        cfg = QuantizeConfig(method=method, bits=3)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        sync(device)
-        started = time.perf_counter()
-        quantizer = LayerQuantizer(source.adapter, config, 0, source.layer_state(0), cfg, contexts, device=device,
-                                   dtype=dtype, micro_batch=micro_batch)
-        result = quantizer.run(clean, hq, MemoryArray(shape=h.shape, dtype=dtype))
-        sync(device)
-        row[f"{method}_s"] = time.perf_counter() - started
-        row[f"{method}_phases"] = result.seconds
-        if device == "cuda":
-            row[f"{method}_peak_gib"] = torch.cuda.max_memory_allocated() / GiB
-        del quantizer, result
+    seconds: dict[str, list[float]] = {m: [] for m in methods}
+    for rep in range(reps):
+        # interleaved, the first method alternating, so that neither always runs on a cold device
+        for method in (methods if rep % 2 == 0 else methods[::-1]):
+            cfg = QuantizeConfig(method=method, bits=3)
+            if device == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            sync(device)
+            started = time.perf_counter()
+            quantizer = LayerQuantizer(source.adapter, config, 0, source.layer_state(0), cfg, contexts,
+                                       device=device, dtype=dtype, micro_batch=micro_batch)
+            result = quantizer.run(clean, hq, MemoryArray(shape=h.shape, dtype=dtype))
+            sync(device)
+            seconds[method].append(time.perf_counter() - started)
+            row[f"{method}_phases"] = result.seconds  # of the last repetition
+            if device == "cuda":
+                peak = torch.cuda.max_memory_allocated() / GiB
+                row[f"{method}_peak_gib"] = max(peak, row.get(f"{method}_peak_gib", 0.0))
+            del quantizer, result
+    for method, times in seconds.items():
+        row[f"{method}_s"] = statistics.median(times)
+        row[f"{method}_runs_s"] = times
+    if {"gptq", "loaq"} <= set(methods):
+        ratios = [loaq / gptq for loaq, gptq in zip(seconds["loaq"], seconds["gptq"])]
+        row["loaq_over_gptq"] = statistics.median(ratios)
+        row["loaq_over_gptq_range"] = [min(ratios), max(ratios)]
     return row
 
 
@@ -184,6 +203,7 @@ def main() -> None:
     ap.add_argument("--scale", type=int, default=16, help="CPU only: divide every width by this")
     ap.add_argument("--token-scale", type=int, default=64, help="CPU only: divide the calibration tokens by this")
     ap.add_argument("--methods", nargs="+", default=["gptq", "loaq"], choices=["gptq", "loaq"])
+    ap.add_argument("--reps", type=int, default=1, help="repetitions of each method's quantize stage (interleaved)")
     ap.add_argument("--out", default=str(RESULTS / "projection.json"))
     args = ap.parse_args()
 
@@ -194,8 +214,9 @@ def main() -> None:
         real = SHAPES[name]
         shape, samples = real, args.samples
         if device == "cpu":
-            shape, samples = real.scaled(args.scale), max(1, args.samples // args.token_scale)
-        row = measure(name, shape, samples, args.seqlen, args.micro_batch, device, dtype, args.methods)
+            shape = real if real.hidden <= CPU_FULL_WIDTH else real.scaled(args.scale)
+            samples = max(1, args.samples // args.token_scale)
+        row = measure(name, shape, samples, args.seqlen, args.micro_batch, device, dtype, args.methods, args.reps)
         row["accounted_peak_real_shape_gib"] = {k: v / GiB for k, v in accounted_peak(
             real, args.samples, args.seqlen, args.micro_batch, "loaq").items()}
         row["projected"] = device == "cuda"
@@ -203,15 +224,15 @@ def main() -> None:
             evals = 2  # WikiText-2 and C4: one forward of the model each, ~ one clean stage per layer
             for method in args.methods:
                 row[f"{method}_model_min"] = (row["clean_stage_s"] * (1 + evals) + row[f"{method}_s"]) * real.layers / 60
-            if {"gptq", "loaq"} <= set(args.methods):
-                row["loaq_over_gptq"] = row["loaq_s"] / row["gptq_s"]
         row["reference_minutes"] = REFERENCE_MINUTES.get(name, {})
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if not k.endswith("_phases")}, default=str), flush=True)
 
     lines = [f"Device: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or 'CPU'} "
              f"({device}, {dtype}); calibration {args.samples}x{args.seqlen} tokens"
-             + ("" if device == "cuda" else f", run scaled down: widths / {args.scale}, tokens / {args.token_scale}"),
+             + ("" if device == "cuda" else f", run scaled down: widths / {args.scale} (shapes up to {CPU_FULL_WIDTH} "
+                f"wide at their own), tokens / {args.token_scale}")
+             + (f"; {args.reps} interleaved repetitions per method (median; ratio range min-max)" if args.reps > 1 else ""),
              "", "| shape | clean stage s | GPTQ layer s | LoaQ layer s | LoaQ / GPTQ | peak GiB (measured) | "
              "accounted peak GiB, real shape | projected model min (GPTQ / LoaQ) | reference min |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -220,7 +241,10 @@ def main() -> None:
             if r["projected"] else "-"
         num = lambda key, fmt=".2f": format(r[key], fmt) if key in r else "-"  # a method left out: "-"
         proj = f"{num('gptq_model_min', '.1f')} / {num('loaq_model_min', '.1f')}" if r["projected"] else "- (scaled run)"
-        ratio = f"{r['loaq_s'] / r['gptq_s']:.2f}" if "loaq_s" in r and "gptq_s" in r else "-"
+        ratio = "-"
+        if "loaq_over_gptq" in r:
+            low, high = r["loaq_over_gptq_range"]
+            ratio = f"{r['loaq_over_gptq']:.2f}" + (f" ({low:.2f}-{high:.2f})" if args.reps > 1 else "")
         ref = "; ".join(f"{k}: {v:g}" for k, v in r["reference_minutes"].items())
         lines.append(f"| {r['shape']} | {r['clean_stage_s']:.2f} | {num('gptq_s')} | {num('loaq_s')} | "
                      f"{ratio} | {peak} | {r['accounted_peak_real_shape_gib']['total']:.1f} | {proj} | {ref} |")
