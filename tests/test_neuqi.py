@@ -51,6 +51,28 @@ def test_zero_point_search_matches_a_dense_brute_force(maxq):
     assert bool((loss <= brute_force_loss(u, d, maxq, zs) + 1e-12).all())
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_search_split_over_threads_is_the_single_threaded_search(symmetric):
+    # On a CPU each thread searches its share of the rows: the grid must be the one-thread grid, bit for
+    # bit, whatever the split (rows not divisible by the threads, fewer rows than threads), and the
+    # caller's thread count must be left as it was.
+    importance = torch.rand(96, dtype=torch.float64) ** 2 + 1e-3
+    before = torch.get_num_threads()
+    try:
+        for rows in (37, 1):
+            W = torch.randn(rows, 96) * (torch.rand(rows, 1) + 0.2)
+            spec = QuantSpec(bits=3, symmetric=symmetric, grid_init="neuqi")
+            grids = {}
+            for threads in (1, 2, 3):
+                torch.set_num_threads(threads)
+                grids[threads] = fit_scale_zero(W, spec, importance)
+                assert torch.get_num_threads() == threads
+            for threads in (2, 3):
+                assert torch.equal(grids[threads][0], grids[1][0]) and torch.equal(grids[threads][1], grids[1][1])
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4])
 @pytest.mark.parametrize("group_size", [None, 32])
 @pytest.mark.parametrize("symmetric", [False, True])
