@@ -228,10 +228,11 @@ def neuqi_grid(w: torch.Tensor, importance: torch.Tensor, scale_mm: torch.Tensor
     # rows with single-threaded ops (torch releases the GIL inside each op): the same result, bit for
     # bit; 3072 x 576 at W3 here took 2.0-2.6 s on 2 threads against 3.5-3.9 s on one.
     threads = torch.get_num_threads()
-    parts = [rows for rows in torch.arange(w.shape[0]).chunk(threads) if len(rows)]
+    share = max(1, -(-w.shape[0] // threads))
+    parts = [slice(start, start + share) for start in range(0, w.shape[0], share)]  # views, no copies
     torch.set_num_threads(1)
     try:
-        if len(parts) == 1:
+        if len(parts) <= 1:
             return search(slice(None))
         with ThreadPoolExecutor(len(parts)) as pool:
             found = list(pool.map(search, parts))
