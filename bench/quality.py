@@ -102,13 +102,26 @@ GRIDS: dict[str, list[Variant]] = {
     "rotation": _rows(_PAPER_METHODS, (3, 2), setting="hadamard"),
     "neuqi": [v for s in ("neuqi", "hadamard+neuqi") for v in _rows(_PAPER_METHODS, (3, 2), setting=s)],
     "w4a4": [v for s in ("w4a4", "hadamard+w4a4") for v in _rows(_PAPER_METHODS, (4,), setting=s)],
-    # NeUQI's search costs ~4 CPU-minutes per SmolLM2 model: GPTQ and LoaQ at W3 only, for short runs.
+    # NeUQI's search costs ~2 CPU-minutes per SmolLM2 model: GPTQ and LoaQ at W3 only, for short runs.
     "neuqi-w3": [v for s in ("neuqi", "hadamard+neuqi") for v in _rows(("gptq", "loaq"), (3,), setting=s)],
 }
-GRIDS["settings"] = GRIDS["rotation"] + GRIDS["neuqi"] + GRIDS["w4a4"]
+# Every setting, GPTQ against LoaQ (what `bench/run` regenerates): rotation and grid initialisation at
+# W3, W4A4 with and without rotation. The other baselines, W2 and rotation with NeUQI: settings-full.
+GRIDS["settings"] = ([v for s in ("hadamard", "neuqi") for v in _rows(("gptq", "loaq"), (3,), setting=s)]
+                     + [v for s in ("w4a4", "hadamard+w4a4") for v in _rows(("gptq", "loaq"), (4,), setting=s)])
+GRIDS["settings-full"] = GRIDS["rotation"] + GRIDS["neuqi"] + GRIDS["w4a4"]
 
 # Grids whose table is written next to, not over, the main quality table.
-SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings", "rotation", "neuqi", "w4a4", "neuqi-w3"}
+SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings", "settings-full", "rotation", "neuqi", "w4a4", "neuqi-w3"}
+
+
+def runtime_label(config) -> str:
+    """The device and the dtype the forwards and evaluations ran in (statistics are accumulated in
+    float32 products and float64 sums, solves in float32/float64, whatever it is)."""
+    rt = config.runtime
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if rt.device == "auto" else rt.device
+    dtype = ("bfloat16" if device == "cuda" else "float32") if rt.dtype == "auto" else rt.dtype
+    return f"{device.upper() if device == 'cpu' else device}, forwards in {dtype}"
 
 
 def commit() -> str:
@@ -204,7 +217,8 @@ def main() -> None:
               + f" (GPTQ protocol, token perplexity); LoaQ alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}; "
               f"GPTAQ alpha={q.gptaq_alpha}; Qronos with the clean stream restarted at every decoder layer; "
               f"damping percdamp={q.percdamp} for all; "
-              f"CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, commit {commit()}, {time.strftime('%Y-%m-%d')}")
+              f"{runtime_label(config)}, {torch.get_num_threads()} threads, torch {torch.__version__}, commit {commit()}, "
+              f"{time.strftime('%Y-%m-%d')}")
     tasks = sorted({t for r in rows for t in r.get("zero_shot", {}) if t != "mean"})
     if tasks:
         ev = config.evaluation

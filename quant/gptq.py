@@ -39,7 +39,6 @@ from dataclasses import dataclass
 import torch
 
 from .grid import QuantizedWeight, QuantSpec, fit_scale_zero
-from .uniform import dequantize, quantize_codes
 from .hessian import DampedHessian
 
 
@@ -187,7 +186,11 @@ def gptq(
         i2 = min(i1 + block_size, n_in)
         block = Wt[i1:i2]  # (count, out) view
         U_block = U[i1:i2, i1:i2]
+        # 1 / U_jj is not precomputed: dividing by U_jj is what the reference does, bit for bit
+        U_diagonal = U_block.diagonal().tolist()
         err_block = torch.zeros(i2 - i1, n_out, dtype=work_dtype, device=device)  # scaled errors E
+        # the block's codes as floats (exact small integers), cast to uint8 once per block
+        code_block = torch.empty_like(err_block)
         # with feedback: the block's columns just before rounding, for the lazy A term
         pre_block = None if A is None else torch.empty_like(err_block)
         current_group = -1
@@ -209,19 +212,24 @@ def gptq(
                     scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
                 if g != current_group:
                     scale_g, zero_g = scales[:, g], zeros[:, g]  # (out,)
+                    # uniform.quantize_codes' split of the zero point, once per group
+                    zero_whole = torch.floor(zero_g)
+                    zero_fraction = zero_g - zero_whole
                     current_group = g
                 w = block[i]  # (out,)
-                codes = quantize_codes(w, scale_g, zero_g, maxq)
-                q = dequantize(codes, scale_g, zero_g)
-                err = (w - q) / U_block[i, i]
+                # The column's codes and reconstruction, op for op as quantize_codes and dequantize
+                # compute them, in fewer (in-place) ops: this loop runs once per input column.
+                code = code_block[i]
+                torch.div(w, scale_g, out=code).add_(zero_fraction).round_().add_(zero_whole).clamp_(0, maxq)
+                q = (code - zero_g).mul_(scale_g)
+                err = torch.sub(w, q, out=err_block[i]).div_(U_diagonal[i])
                 # feedback onto the later columns of this block: row k -= U[i, k] · err
                 block[i + 1:].addr_(U_block[i, i + 1:], err, alpha=-1.0)
                 if A is not None:
                     block[i + 1:].addr_(A[j, j + 1:i2], w)
                     pre_block[i] = w
-                block[i] = q
-                codes_t[j] = codes
-                err_block[i] = err
+                w.copy_(q)
+        codes_t[i1:i2] = code_block.to(torch.uint8)
         # lazy feedback onto every column after the block in one product
         Wt[i2:].addmm_(U[i1:i2, i2:].T, err_block, alpha=-1.0)
         if A is not None:
