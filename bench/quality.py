@@ -105,10 +105,11 @@ GRIDS: dict[str, list[Variant]] = {
     # NeUQI's search costs ~2 CPU-minutes per SmolLM2 model: GPTQ and LoaQ at W3 only, for short runs.
     "neuqi-w3": [v for s in ("neuqi", "hadamard+neuqi") for v in _rows(("gptq", "loaq"), (3,), setting=s)],
 }
-# Every setting, GPTQ against LoaQ (what `bench/run` regenerates): rotation and grid initialisation at
-# W3, W4A4 with and without rotation. The other baselines, W2 and rotation with NeUQI: settings-full.
+# Every setting, GPTQ against LoaQ (what `bench/run` regenerates): rotation and NeUQI's grid at W3, and
+# W4A4 with rotation (the paper's W4A4 setting, QuaRot's). The other baselines, W2, rotation with NeUQI
+# and W4A4 without rotation (which wrecks every method here): settings-full.
 GRIDS["settings"] = ([v for s in ("hadamard", "neuqi") for v in _rows(("gptq", "loaq"), (3,), setting=s)]
-                     + [v for s in ("w4a4", "hadamard+w4a4") for v in _rows(("gptq", "loaq"), (4,), setting=s)])
+                     + _rows(("gptq", "loaq"), (4,), setting="hadamard+w4a4"))
 GRIDS["settings-full"] = GRIDS["rotation"] + GRIDS["neuqi"] + GRIDS["w4a4"]
 
 # Grids whose table is written next to, not over, the main quality table.
