@@ -32,6 +32,7 @@ import torch  # noqa: E402
 
 from loaq.configs.load import load_config  # noqa: E402
 from loaq.flows.quantize import open_context, quantize_flow  # noqa: E402
+from loaq.stages.context import Runtime  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -117,12 +118,11 @@ SEPARATE_TABLES = {"baselines", "bench", "zeroshot", "settings", "settings-full"
 
 
 def runtime_label(config) -> str:
-    """The device and the dtype the forwards and evaluations ran in (statistics are accumulated in
-    float32 products and float64 sums, solves in float32/float64, whatever it is)."""
-    rt = config.runtime
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if rt.device == "auto" else rt.device
-    dtype = ("bfloat16" if device == "cuda" else "float32") if rt.dtype == "auto" else rt.dtype
-    return f"{device.upper() if device == 'cpu' else device}, forwards in {dtype}"
+    """The device and the dtype the forwards and evaluations ran in, as the stages resolve them
+    (statistics are float32 products in float64 sums, solves float32/float64, whatever it is)."""
+    rt = Runtime.resolve(config.runtime)
+    device = "CPU" if rt.device == "cpu" else rt.device
+    return f"{device}, forwards in {str(rt.dtype).removeprefix('torch.')}"
 
 
 def commit() -> str:

@@ -40,6 +40,7 @@ import torch
 
 from .grid import QuantizedWeight, QuantSpec, fit_scale_zero
 from .hessian import DampedHessian
+from .uniform import dequantize, round_shifted_, split_zero
 
 
 @contextlib.contextmanager
@@ -212,16 +213,13 @@ def gptq(
                     scales[:, g], zeros[:, g] = scale[:, 0], zero[:, 0]
                 if g != current_group:
                     scale_g, zero_g = scales[:, g], zeros[:, g]  # (out,)
-                    # uniform.quantize_codes' split of the zero point, once per group
-                    zero_whole = torch.floor(zero_g)
-                    zero_fraction = zero_g - zero_whole
+                    zero_whole, zero_fraction = split_zero(zero_g)  # once per group, not per column
                     current_group = g
                 w = block[i]  # (out,)
-                # The column's codes and reconstruction, op for op as quantize_codes and dequantize
-                # compute them, in fewer (in-place) ops: this loop runs once per input column.
-                code = code_block[i]
-                torch.div(w, scale_g, out=code).add_(zero_fraction).round_().add_(zero_whole).clamp_(0, maxq)
-                q = (code - zero_g).mul_(scale_g)
+                # The column's codes as quantize_codes computes them, written in place into the block's
+                # float code buffer: this loop runs once per input column.
+                code = round_shifted_(torch.div(w, scale_g, out=code_block[i]).add_(zero_fraction), zero_whole, maxq)
+                q = dequantize(code, scale_g, zero_g)
                 err = torch.sub(w, q, out=err_block[i]).div_(U_diagonal[i])
                 # feedback onto the later columns of this block: row k -= U[i, k] · err
                 block[i + 1:].addr_(U_block[i, i + 1:], err, alpha=-1.0)
