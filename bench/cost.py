@@ -39,8 +39,9 @@ import torch
 from loaq.configs.load import load_config
 from loaq.flows.quantize import open_context
 from loaq.stages.model import prepare_model
-from loaq.stages.quantize import chain_id, chain_keys, quantize_layer_stage, weights_key
-from loaq.stages.streams import calibration_key, calibration_stage, clean_key, clean_layer_stage, embed_key, embed_stage
+from loaq.stages.keys import calibration_key, chain_id, chain_keys, clean_key, embed_key, weights_key
+from loaq.stages.quantize import quantize_layer_stage
+from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]

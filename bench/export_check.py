@@ -71,7 +71,8 @@ def main() -> None:
     from loaq.flows.export import export_root
     from loaq.flows.plan import plan
     from loaq.flows.quantize import open_context
-    from loaq.stages.export import export_dtype, export_key, export_path, is_exported
+    from loaq.stages.export import export_dtype, export_path, is_exported
+    from loaq.stages.keys import export_key
 
     config = load_config(args.config, args.overrides)
     ctx = open_context(config)

@@ -16,7 +16,8 @@ from prefect import flow
 from loaq.configs.load import ConfigError
 from loaq.configs.schema import RunConfig
 from loaq.stages.context import StageContext
-from loaq.stages.export import FORMATS, check_exportable, export_dtype, export_key, export_path, export_stage, is_exported
+from loaq.stages.export import FORMATS, check_exportable, export_dtype, export_path, export_stage, is_exported
+from loaq.stages.keys import export_key
 from loaq.stages.model import ModelRef
 
 

@@ -6,11 +6,10 @@ from dataclasses import dataclass
 
 from loaq.configs.schema import QuantizeConfig, RunConfig
 from loaq.stages.context import StageContext
-from loaq.stages.evaluate import perplexity_key, zero_shot_key
+from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, perplexity_key, weights_key,
+                              zero_shot_key)
 from loaq.stages.model import ModelRef, prepare_model
-from loaq.stages.quantize import chain_id, chain_keys, weights_key
 from loaq.stages.report import variant_label
-from loaq.stages.streams import calibration_key, clean_key, embed_key
 
 
 @dataclass

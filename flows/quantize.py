@@ -24,14 +24,15 @@ from loaq.configs.schema import RunConfig
 from loaq.flows.plan import baseline_chains
 from loaq.flows.export import check_formats, export_models
 from loaq.stages.context import Runtime, StageContext
-from loaq.stages.evaluate import perplexity_key, perplexity_stage, zero_shot_key, zero_shot_stage
+from loaq.stages.evaluate import perplexity_stage, zero_shot_stage
+from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, perplexity_key, weights_key,
+                              zero_shot_key)
 from loaq.stages.model import prepare_model
 from loaq.stages.progress import LayerProgress
-from loaq.stages.quantize import chain_id, chain_keys, quantize_layer_stage, weights_key
+from loaq.stages.quantize import quantize_layer_stage
 from loaq.stages.report import report_stage
 from loaq.stages.retention import retain
-from loaq.stages.streams import (calibration_key, calibration_stage, clean_key, clean_layer_stage, embed_key,
-                                 embed_stage)
+from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
 from loaq.store import CorruptRecord, Store
 from loaq.store.errors import StoreError
 

@@ -18,7 +18,7 @@ from loaq.configs.load import ConfigError, describe
 from loaq.configs.schema import RunConfig
 from loaq.flows.plan import plan
 from loaq.flows.quantize import open_context, quantize_flow
-from loaq.stages.quantize import config_identity
+from loaq.stages.keys import config_identity
 from loaq.stages.report import sweep_report_stage
 
 

@@ -17,14 +17,11 @@ from loaq.data.windows import eval_windows
 from loaq.engine.sources import with_activation_quantizer
 from loaq.evaluation.perplexity import perplexity
 from loaq.models.layers import add_input_transforms
-from loaq.store.keys import stage_key
 
 from .context import StageContext
+from .keys import perplexity_key, weights_key, zero_shot_key
 from .model import ModelRef
-from .quantize import read_weights, weights_key
-from .streams import data_identity
-
-EVAL_VERSION = 1
+from .quantize import read_weights
 
 
 class StoredQuantizedWeights:
@@ -65,13 +62,6 @@ def dataset_label(dataset: str, data_dir: str | None) -> str:
     return "WikiText-2 test" if dataset == "wikitext2" else c4_validation_label(data_dir)
 
 
-def perplexity_key(ctx: StageContext, model: ModelRef, chain: list[str] | None, dataset: str,
-                   cfg: EvaluationConfig, data_dir: str | None) -> str:
-    return stage_key("perplexity", EVAL_VERSION, model=model.key, quantized=chain[-1] if chain else None,
-                     dataset=dataset, seqlen=cfg.seqlen, max_windows=cfg.max_windows, data=data_identity(data_dir),
-                     dtype=str(ctx.runtime.dtype))
-
-
 @task(name="perplexity", cache_policy=NONE)
 def perplexity_stage(ctx: StageContext, model: ModelRef, chain: list[str] | None, dataset: str,
                      cfg: EvaluationConfig, data_dir: str | None) -> str:
@@ -90,13 +80,6 @@ def perplexity_stage(ctx: StageContext, model: ModelRef, chain: list[str] | None
             w.put("nll", nll)
 
     return ctx.cached("perplexity", key, compute)
-
-
-def zero_shot_key(ctx: StageContext, model: ModelRef, chain: list[str] | None, cfg: EvaluationConfig,
-                  data_dir: str | None) -> str:
-    return stage_key("zero_shot", EVAL_VERSION, model=model.key, quantized=chain[-1] if chain else None,
-                     tasks=sorted(cfg.zero_shot_tasks), limit=cfg.zero_shot_limit, data=data_identity(data_dir),
-                     dtype=str(ctx.runtime.dtype))
 
 
 def load_whole(source, dtype: torch.dtype, device: str):

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
@@ -35,13 +34,12 @@ from loaq.configs.load import ConfigError
 from loaq.configs.schema import QuantizeConfig
 from loaq.models.export import (DTYPES, CheckpointWriter, UnpackableScheme, cast, checkpoint_dtype, is_complete,
                                 pack_linear, packed_nbytes, packed_quantization_config, packed_scheme)
-from loaq.store.keys import stage_key
 
 from .context import StageContext, failpoint
+from .keys import export_key, weights_key
 from .model import ModelRef
-from .quantize import read_weights, weights_key
+from .quantize import read_weights
 
-EXPORT_VERSION = 1
 FAKE_QUANT, PACKED = "fake_quant", "compressed_tensors"
 FORMATS = (FAKE_QUANT, PACKED)
 
@@ -51,13 +49,6 @@ def export_dtype(model: ModelRef, requested: str) -> str:
     if requested != "auto":
         return requested
     return checkpoint_dtype(json.loads((Path(model.path) / "config.json").read_text()))
-
-
-def export_key(quantized: str, fmt: str, dtype: str) -> str:
-    inputs = {"quantized": quantized, "format": fmt, "dtype": dtype}
-    if fmt == PACKED:  # the packed layout is the library's: its version is part of the output
-        inputs["packer"] = version("compressed-tensors")
-    return stage_key("export", EXPORT_VERSION, **inputs)
 
 
 def export_path(root: str | Path, fmt: str, key: str) -> Path:

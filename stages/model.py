@@ -20,9 +20,9 @@ from loaq.engine.rotation import RotatedWeights
 from loaq.models.checkpoint import Checkpoint
 from loaq.models.sources import resolve_source
 from loaq.quant.hadamard import HadamardSizeError
-from loaq.store.keys import digest, file_digest, stage_key
+from loaq.store.keys import digest, file_digest
 
-MODEL_STAGE_VERSION = 1
+from .keys import model_key
 
 
 @dataclass(frozen=True)
@@ -101,9 +101,7 @@ def prepare_model(cfg: ModelConfig, model_cache: str) -> ModelRef:
     config = json.loads((checkpoint.path / "config.json").read_text())
     config.pop("transformers_version", None)
     config.pop("_name_or_path", None)
-    # The rotation enters the key only when there is one: unrotated models keep the keys they had.
-    rotation = {"rotation": cfg.rotation} if cfg.rotation.kind != "none" else {}
-    key = stage_key("model", MODEL_STAGE_VERSION, weights=digests.files(checkpoint.shard_files()), config=config,
-                    tokenizer=digests.files(tokenizer_files(checkpoint)), **rotation)
+    key = model_key(digests.files(checkpoint.shard_files()), config, digests.files(tokenizer_files(checkpoint)),
+                    cfg.rotation)
     return ModelRef(str(checkpoint.path), key, checkpoint.num_layers, adapter.family, cfg.trust_remote_code,
                     cfg.rotation)

@@ -1,6 +1,6 @@
 """Stage: quantize decoder layer l (Algorithm 1, lines 3-21) and advance the quantized stream.
 
-The quantized chain's identity: key_l = hash(key_{l-1}, config_l, ALGORITHM_VERSION), rooted at
+The quantized chain's identity (``stages.keys.chain_keys``): key_l = hash(key_{l-1}, config_l), rooted at
 the embedding record (which is keyed by model and calibration). Two variants that agree on
 layers 0..k share those layers' records; a crash resumes at the first layer whose records are not
 complete. Each layer writes two records: its quantized weights (kind "weights", small, always kept)
@@ -16,59 +16,18 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from loaq.configs.schema import QuantizeConfig
-from loaq.engine import ALGORITHM_VERSION
 from loaq.engine.layer import CleanStream, LayerQuantizer
 from loaq.engine.metrics import DivergenceMeter, outlier_threshold
 from loaq.models.layers import ContextFactory
 from loaq.quant import QuantizedWeight
-from loaq.store.keys import stage_key
 
 from .arrays import RecordArray, WriterArray
 from .context import StageContext, failpoint
+from .keys import config_identity, weights_key
 from .model import ModelRef
 from .streams import HIDDEN, sublayer_output
 
 WEIGHT_PARTS = ("codes", "scales", "zeros", "g_idx")
-
-
-def config_identity(cfg: QuantizeConfig) -> dict:
-    """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them,
-    gptaq_alpha except for GPTAQ, clean_stream_reset unless the stream is actually reset, and grid_init
-    and act_bits at their defaults (so adding these fields left the keys of the other methods and runs as
-    they were)."""
-    identity = cfg.model_dump()
-    alpha_in, alpha_out, beta = cfg.alphas_beta()
-    identity.update(alpha_in=alpha_in, alpha_out=alpha_out, beta=beta)
-    if not (cfg.act_order and cfg.group_size):
-        identity.pop("static_groups")
-    if cfg.method != "gptaq":
-        identity.pop("gptaq_alpha")
-    identity.pop("clean_stream_reset")
-    if cfg.grid_init == "minmax":
-        identity.pop("grid_init")
-    if cfg.act_bits is None:
-        identity.pop("act_bits")
-    if cfg.resets_clean_stream():
-        identity["clean_stream_reset"] = True
-    return identity
-
-
-def chain_keys(root_key: str, cfg: QuantizeConfig, num_layers: int) -> list[str]:
-    """Keys of the quantized stream after each layer: key_l = hash(key_{l-1}, config_l, version)."""
-    keys, prev = [], root_key
-    for index in range(num_layers):
-        prev = stage_key("quant_layer", ALGORITHM_VERSION, prev=prev, layer=index, config=config_identity(cfg))
-        keys.append(prev)
-    return keys
-
-
-def chain_id(root_key: str, cfg: QuantizeConfig) -> str:
-    """One id for all layers of a variant (used by retention, never for reuse)."""
-    return stage_key("chain", ALGORITHM_VERSION, root=root_key, config=config_identity(cfg))
-
-
-def weights_key(chain_key: str) -> str:
-    return stage_key("layer_weights", ALGORITHM_VERSION, chain=chain_key)
 
 
 def write_weights(writer, weights: dict[str, QuantizedWeight]) -> None:

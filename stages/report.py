@@ -18,7 +18,7 @@ from loaq.configs.schema import QuantizeConfig, RunConfig
 from .context import StageContext
 from .model import ModelRef
 from .plots import plot_divergence, plot_heatmaps
-from .quantize import weights_key
+from .keys import weights_key
 
 
 def variant_label(q: QuantizeConfig, with_terms: bool = False) -> str:

@@ -14,26 +14,18 @@ from loaq.configs.schema import CalibrationConfig
 from loaq.data.calibration import CalibrationSpec, sample_calibration
 from loaq.engine.forward import clean_layer_forward, embed
 from loaq.models.layers import ContextFactory
-from loaq.store.keys import stage_key
 
 from .arrays import RecordArray, WriterArray
 from .context import StageContext
+from .keys import calibration_key, clean_key, embed_key
 from .model import ModelRef
 
-STREAM_VERSION = 1
-# Version 2 of the clean layer records adds each sub-layer's output (``attn_out``, ``mlp_out``).
-CLEAN_VERSION = 2
 HIDDEN = "hidden"
 
 
 def sublayer_output(name: str) -> str:
     """Array name of a sub-layer's output Y in a clean layer record."""
     return f"{name}_out"
-
-
-def data_identity(data_dir: str | None) -> str:
-    """Local files are identified by their verified checksums (paths are not identity)."""
-    return "hub" if data_dir is None else "local-sha256-verified"
 
 
 @task(name="calibration", cache_policy=NONE)
@@ -46,23 +38,6 @@ def calibration_stage(ctx: StageContext, model: ModelRef, cfg: CalibrationConfig
             w.put("tokens", tokens.to(torch.int64))
 
     return ctx.cached("calibration", key, compute)
-
-
-def calibration_key(model: ModelRef, cfg: CalibrationConfig, data_dir: str | None) -> str:
-    return stage_key("calibration", STREAM_VERSION, model=model.key, spec=cfg, data=data_identity(data_dir))
-
-
-def embed_key(ctx: StageContext, model: ModelRef, calibration_key: str) -> str:
-    return hidden_key(ctx, "embed", model=model.key, calibration=calibration_key)
-
-
-def clean_key(ctx: StageContext, model: ModelRef, index: int, input_key: str) -> str:
-    return hidden_key(ctx, "clean_layer", model=model.key, layer=index, prev=input_key, version=CLEAN_VERSION)
-
-
-def hidden_key(ctx: StageContext, stage: str, version: int = STREAM_VERSION, **inputs) -> str:
-    # The dtype of the stored stream is part of its identity (bf16 on a GPU, fp32 on the CPU).
-    return stage_key(stage, version, dtype=str(ctx.runtime.dtype), **inputs)
 
 
 @task(name="embed", cache_policy=NONE)

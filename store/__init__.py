@@ -10,17 +10,18 @@
 * ``retention``  ``gc`` and the default retention policy
 * ``layout``     where things live on disk and the metadata field names
 
-Typical stage::
+Typical stage (the pipeline's key recipes are in ``loaq.stages.keys``)::
 
-    key = stage_key("clean_layer", 1, prev=prev_key, layer=layer)
+    key = stage_key("clean_layer", CLEAN_VERSION, dtype="torch.bfloat16", model=model_key, layer=layer,
+                    prev=prev_key)
     if store.is_complete(key):
-        store.log_event(run_id, "clean_layer", key, "reused")
+        store.log_event(run_id, "clean-layer", key, "reused")
     else:
         with store.writer(key, kind="clean_state", attrs={"layer": layer}) as w:
-            w.create("hidden", (n_tokens, width), torch.bfloat16, chunk_tokens=batch)
-            for start in range(0, n_tokens, batch):
+            w.create("hidden", (n_samples, seqlen, width), torch.bfloat16, chunk_tokens=batch)
+            for start in range(0, n_samples, batch):
                 w.write("hidden", start, compute(start, batch))
-        store.log_event(run_id, "clean_layer", key, "computed")
+        store.log_event(run_id, "clean-layer", key, "computed")
     hidden = store.open(key).read("hidden", start, stop)
 """
 

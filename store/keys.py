@@ -9,18 +9,19 @@ version and everything the stage reads. Never a run id, never a path, never a ti
 * bumping a stage's version invalidates exactly that stage and everything keyed on it.
 
 Inputs are other keys (strings) or JSON-able configurations; upstream records enter a key
-through *their* keys, so a key transitively covers the whole history that produced it::
+through *their* keys, so a key transitively covers the whole history that produced it. The
+pipeline's recipes all live in ``loaq.stages.keys``; in outline::
 
-    model   = stage_key("model", 1, weights=file_digest(weights_dir))
-    calib   = stage_key("calibration", 1, model=model, spec=calibration_spec)
-    clean_0 = stage_key("clean_layer", 1, prev=embedding_key, layer=0)
-    clean_l = stage_key("clean_layer", 1, prev=clean_{l-1}, layer=l)
-    quant_l = stage_key("quant_layer", ALGO_VERSION, prev=quant_{l-1}, config=config_l)
+    model   = stage_key("model", 1, weights=..., config=..., tokenizer=...)
+    calib   = stage_key("calibration", 1, model=model, spec=calibration_config, data=...)
+    embed   = stage_key("embed", 1, dtype="torch.float32", model=model, calibration=calib)
+    clean_l = stage_key("clean_layer", 2, dtype=..., model=model, layer=l, prev=clean_{l-1} or embed)
+    quant_l = stage_key("quant_layer", ALGORITHM_VERSION, prev=quant_{l-1} or embed, layer=l, config=config_l)
 
 The quantized chain is a hash chain: ``quant_l`` depends on ``config_0 .. config_l`` and on
 nothing after ``l``. Two variants that agree on the configs of layers ``0..k`` therefore share
-exactly the keys of layers ``0..k`` (and thus the records); a change of ``ALGO_VERSION`` changes
-``quant_0`` and with it the whole quantized chain, but no clean-stream or calibration key.
+exactly the keys of layers ``0..k`` (and thus the records); a change of ``ALGORITHM_VERSION``
+changes ``quant_0`` and with it the whole quantized chain, but no clean-stream or calibration key.
 
 Canonical JSON (what is hashed) is: keys sorted, no whitespace, UTF-8, floats written with
 Python's shortest round-trip ``repr`` (stable across platforms and runs). ``1`` and ``1.0`` and

@@ -15,7 +15,7 @@ from loaq.engine.model import quantize_model
 from loaq.engine.sources import ModelWeights
 from loaq.quant import InputStats, QuantSpec, TokenQuantizer, damp_hessian, gptq
 from loaq.stages.export import check_exportable
-from loaq.stages.quantize import chain_keys, config_identity
+from loaq.stages.keys import chain_keys, config_identity
 
 torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from loaq.engine.model import quantize_model
 from loaq.engine.sources import ModelWeights
 from loaq.quant import (InputStats, QuantSpec, asymmetric_feedback, column_order, damp_hessian, fake_quantize,
                         fit_scale_zero, gptaq, gptq, qronos, qronos_start, rtn)
-from loaq.stages.quantize import chain_keys, config_identity
+from loaq.stages.keys import chain_keys, config_identity
 from loaq.store import Store
 
 from conftest import correlated_inputs

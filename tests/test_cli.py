@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from loaq.configs.load import ConfigError, load_config
-from loaq.stages.quantize import chain_keys, config_identity
+from loaq.stages.keys import chain_keys, config_identity
 
 
 def test_help_lists_the_commands():

@@ -16,7 +16,7 @@ from loaq.quant import (InputStats, QuantSpec, damp_hessian, dequantize, fake_qu
                         quantize_codes, rtn)
 from loaq.quant.neuqi import _binned_loss, _window_zero, neuqi_grid, optimal_zero, weighted_error
 from loaq.stages.export import check_exportable
-from loaq.stages.quantize import chain_keys, config_identity
+from loaq.stages.keys import chain_keys, config_identity
 
 torch.set_num_threads(1)
 

@@ -1,0 +1,135 @@
+"""Every stage's key: what a record is made of, in one place (the scheme itself is ``store.keys``).
+
+A key is ``stage_key(stage, VERSION, **inputs)``: upstream keys and the configuration the stage
+reads, never a run id, a path or a time. The records and their keys, from the model down::
+
+    model           model(weights digest, config.json, tokenizer digest[, rotation])
+    calibration     calibration(model, spec, data)
+    embedding       embed(model, calibration, dtype)
+    clean layer l   clean_layer(model, layer=l, prev=clean_{l-1} or embedding, dtype)
+    quant layer l   quant_layer(prev=quant_{l-1} or embedding, layer=l, config_identity)
+    layer weights   layer_weights(chain=quant_l)
+    evaluation      perplexity / zero_shot(model, quantized=quant_last or None, settings, data, dtype)
+    export          export(quantized=quant_last, format, dtype[, packer version])
+
+Bump a version when its stage's code changes its output: exactly the records keyed on it (and
+everything downstream) are recomputed.
+"""
+
+from __future__ import annotations
+
+from importlib.metadata import version
+from typing import Protocol
+
+from loaq.configs.schema import CalibrationConfig, EvaluationConfig, QuantizeConfig, RotationConfig
+from loaq.store.keys import stage_key
+
+from .context import StageContext
+
+MODEL_STAGE_VERSION = 1
+STREAM_VERSION = 1  # calibration and embedding
+# Version 2 of the clean layer records adds each sub-layer's output (``attn_out``, ``mlp_out``).
+CLEAN_VERSION = 2
+# Everything that determines a quantized layer's result (quant/ math and the engine): bump it when
+# a change alters quantized weights, and exactly the quantized chain is recomputed while
+# calibration, embeddings and the clean stream are reused.
+ALGORITHM_VERSION = 2
+EVAL_VERSION = 1
+EXPORT_VERSION = 1
+
+
+class Model(Protocol):
+    """What a key reads of a model (``stages.model.ModelRef``): its content key."""
+
+    key: str
+
+
+def model_key(weights: str, config: dict, tokenizer: str, rotation: RotationConfig) -> str:
+    """The model's identity from its content: weight and tokenizer digests and its config.json.
+    The rotation enters the key only when there is one: unrotated models keep the keys they had."""
+    extra = {"rotation": rotation} if rotation.kind != "none" else {}
+    return stage_key("model", MODEL_STAGE_VERSION, weights=weights, config=config, tokenizer=tokenizer, **extra)
+
+
+def data_identity(data_dir: str | None) -> str:
+    """Local files are identified by their verified checksums (paths are not identity)."""
+    return "hub" if data_dir is None else "local-sha256-verified"
+
+
+def calibration_key(model: Model, cfg: CalibrationConfig, data_dir: str | None) -> str:
+    return stage_key("calibration", STREAM_VERSION, model=model.key, spec=cfg, data=data_identity(data_dir))
+
+
+def embed_key(ctx: StageContext, model: Model, calibration_key: str) -> str:
+    return hidden_key(ctx, "embed", model=model.key, calibration=calibration_key)
+
+
+def clean_key(ctx: StageContext, model: Model, index: int, input_key: str) -> str:
+    return hidden_key(ctx, "clean_layer", model=model.key, layer=index, prev=input_key, version=CLEAN_VERSION)
+
+
+def hidden_key(ctx: StageContext, stage: str, version: int = STREAM_VERSION, **inputs) -> str:
+    # The dtype of the stored stream is part of its identity (bf16 on a GPU, fp32 on the CPU).
+    return stage_key(stage, version, dtype=str(ctx.runtime.dtype), **inputs)
+
+
+def config_identity(cfg: QuantizeConfig) -> dict:
+    """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them,
+    gptaq_alpha except for GPTAQ, clean_stream_reset unless the stream is actually reset, and grid_init
+    and act_bits at their defaults (so adding these fields left the keys of the other methods and runs as
+    they were)."""
+    identity = cfg.model_dump()
+    alpha_in, alpha_out, beta = cfg.alphas_beta()
+    identity.update(alpha_in=alpha_in, alpha_out=alpha_out, beta=beta)
+    if not (cfg.act_order and cfg.group_size):
+        identity.pop("static_groups")
+    if cfg.method != "gptaq":
+        identity.pop("gptaq_alpha")
+    identity.pop("clean_stream_reset")
+    if cfg.grid_init == "minmax":
+        identity.pop("grid_init")
+    if cfg.act_bits is None:
+        identity.pop("act_bits")
+    if cfg.resets_clean_stream():
+        identity["clean_stream_reset"] = True
+    return identity
+
+
+def chain_keys(root_key: str, cfg: QuantizeConfig, num_layers: int) -> list[str]:
+    """Keys of the quantized stream after each layer: key_l = hash(key_{l-1}, config_l, version), rooted
+    at the embedding. Two variants that agree on the configs of layers 0..k share exactly those keys."""
+    keys, prev = [], root_key
+    for index in range(num_layers):
+        prev = stage_key("quant_layer", ALGORITHM_VERSION, prev=prev, layer=index, config=config_identity(cfg))
+        keys.append(prev)
+    return keys
+
+
+def chain_id(root_key: str, cfg: QuantizeConfig) -> str:
+    """One id for all layers of a variant (used by retention, never for reuse)."""
+    return stage_key("chain", ALGORITHM_VERSION, root=root_key, config=config_identity(cfg))
+
+
+def weights_key(chain_key: str) -> str:
+    return stage_key("layer_weights", ALGORITHM_VERSION, chain=chain_key)
+
+
+def perplexity_key(ctx: StageContext, model: Model, chain: list[str] | None, dataset: str,
+                   cfg: EvaluationConfig, data_dir: str | None) -> str:
+    return stage_key("perplexity", EVAL_VERSION, model=model.key, quantized=chain[-1] if chain else None,
+                     dataset=dataset, seqlen=cfg.seqlen, max_windows=cfg.max_windows, data=data_identity(data_dir),
+                     dtype=str(ctx.runtime.dtype))
+
+
+def zero_shot_key(ctx: StageContext, model: Model, chain: list[str] | None, cfg: EvaluationConfig,
+                  data_dir: str | None) -> str:
+    return stage_key("zero_shot", EVAL_VERSION, model=model.key, quantized=chain[-1] if chain else None,
+                     tasks=sorted(cfg.zero_shot_tasks), limit=cfg.zero_shot_limit, data=data_identity(data_dir),
+                     dtype=str(ctx.runtime.dtype))
+
+
+def export_key(quantized: str, fmt: str, dtype: str) -> str:
+    inputs = {"quantized": quantized, "format": fmt, "dtype": dtype}
+    if fmt == "compressed_tensors":  # the packed layout is the library's: its version is part of the output
+        inputs["packer"] = version("compressed-tensors")
+    return stage_key("export", EXPORT_VERSION, **inputs)
