@@ -28,6 +28,9 @@ when its data is.
 from __future__ import annotations
 
 import re
+import zlib
+
+import numpy as np
 
 RECORDS_DIR = "records"
 LOCKS_DIR = "locks"
@@ -80,3 +83,9 @@ def check_name(name: str, what: str) -> str:
 def record_path(key: str) -> str:
     """Path of a record's group relative to the store root."""
     return f"{RECORDS_DIR}/{key[:2]}/{key}"
+
+
+def slice_crc32(array: np.ndarray) -> str:
+    """crc32 of an array's stored bytes (hex): the manifest's checksum of each written slice."""
+    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # no copy when contiguous
+    return f"{zlib.crc32(raw):08x}"

@@ -10,25 +10,25 @@ read is checked against what was written:
   read, since the writer stores every chunk, even all-zero ones;
 
 and either raises :class:`~loaq.store.errors.CorruptRecord` naming the key and the array.
-``Store.verify`` additionally compares every written slice with the crc32 in the manifest.
+:meth:`Record.check` additionally compares every written slice with the crc32 in the manifest
+(``Store.verify``).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 import zarr
+from zarr.abc.store import Store as ZarrStore
 
 from .dtypes import from_stored_array, stored_numpy_dtype, torch_dtype
 from .errors import CorruptRecord
-from .layout import ATTR_MANIFEST, ATTR_RECORD, ATTR_USER, record_path
-
-if TYPE_CHECKING:
-    from .store import Store
+from .layout import ATTR_MANIFEST, ATTR_RECORD, ATTR_USER, record_path, slice_crc32
 
 
 @dataclass(frozen=True)
@@ -48,16 +48,22 @@ class RecordInfo:
 
 
 class Record:
-    """A complete record, open for reading. Obtain it with ``Store.open(key)``."""
+    """A complete record, open for reading. Obtain it with ``Store.open(key)``.
 
-    def __init__(self, store: Store, key: str, group_attributes: dict[str, Any]) -> None:
+    ``zarr_store`` is the store's Zarr store (the record is the group at ``record_path(key)``);
+    ``exists(path)`` tells whether a file below the store's root exists (chunk presence checks).
+    """
+
+    def __init__(self, key: str, group_attributes: dict[str, Any], zarr_store: ZarrStore,
+                 exists: Callable[[str], bool]) -> None:
         info = group_attributes[ATTR_RECORD]
         self.key: str = key
         self.kind: str = info["kind"]
         self.created: str = info["created"]
         #: The caller's attributes given to ``Store.writer`` (layer index, config, ...).
         self.attrs: dict[str, Any] = group_attributes.get(ATTR_USER, {})
-        self._store = store
+        self._zarr_store = zarr_store
+        self._exists = exists
         self._arrays_manifest: dict[str, dict[str, Any]] = group_attributes[ATTR_MANIFEST][
             "arrays"
         ]
@@ -85,11 +91,6 @@ class Record:
     def nbytes(self) -> int:
         """Uncompressed size of all arrays, i.e. the memory needed to read them all."""
         return sum(entry["nbytes"] for entry in self._arrays_manifest.values())
-
-    @property
-    def stored_nbytes(self) -> int:
-        """Size on disk (compressed), what deleting the record frees."""
-        return self._store.size(self.key)
 
     def __repr__(self) -> str:
         arrays = ", ".join(
@@ -136,6 +137,15 @@ class Record:
             )
         return data
 
+    def check(self) -> None:
+        """Read every written slice and compare it with the crc32 the writer recorded for it;
+        ``CorruptRecord`` on the first mismatch (or on any damage the reads themselves find)."""
+        for name in self.names:
+            for start, stop, crc in self._entry(name)["slices"]:
+                stored = self.read_stored(name, start, stop) if self.shape(name) else self.read_stored(name)
+                if slice_crc32(stored) != crc:
+                    raise CorruptRecord(self.key, name, f"rows [{start}, {stop}): crc32 mismatch")
+
     # -- internals --------------------------------------------------------------------------
 
     def _entry(self, name: str) -> dict[str, Any]:
@@ -151,7 +161,7 @@ class Record:
         try:
             if self._group is None:
                 self._group = zarr.open_group(
-                    store=self._store._zarr_store, path=record_path(self.key), mode="r"
+                    store=self._zarr_store, path=record_path(self.key), mode="r"
                 )
             array = self._group[name]
         except Exception as e:
@@ -186,5 +196,5 @@ class Record:
         base = f"{record_path(self.key)}/{name}"
         for coords in coordinates:
             chunk_key = array.metadata.encode_chunk_key(coords)
-            if not self._store._exists(f"{base}/{chunk_key}"):
+            if not self._exists(f"{base}/{chunk_key}"):
                 raise CorruptRecord(self.key, name, f"chunk {chunk_key} is missing")

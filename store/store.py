@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from typing import Any
 
 import fsspec
@@ -27,7 +26,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from . import events as events_module
-from .errors import CorruptRecord, IncompleteRecord, RecordBusy
+from .errors import CorruptRecord, IncompleteRecord
 from .layout import (
     ATTR_COMPLETE,
     ATTR_INVALIDATED,
@@ -42,7 +41,7 @@ from .layout import (
 )
 from .locks import StoreLock
 from .records import Record, RecordInfo
-from .writer import RecordWriter, slice_crc32
+from .writer import RecordWriter
 
 
 def default_compressor() -> BytesBytesCodec:
@@ -62,12 +61,6 @@ def default_compressor() -> BytesBytesCodec:
 # while reading 3.3x slower than the raw checksummed chunks (43 ms against 13 ms for 38 MB on a
 # 2-core VM). Every layer reads the clean stream back, and at 70B that is ~26 GB a layer.
 _STORED_RAW = {np.dtype(np.float32), np.dtype(np.float64)}
-
-
-# Keys being written in this process, per store root: a second writer of the same key (two
-# parallel tasks computing one shared upstream record) fails fast instead of interleaving.
-_KEYS_BEING_WRITTEN: set[tuple[str, str]] = set()
-_KEYS_BEING_WRITTEN_LOCK = threading.Lock()
 
 
 class Store:
@@ -120,7 +113,9 @@ class Store:
         ``attrs`` (JSON-able; pydantic models and dataclasses accepted) are stored with the
         record. A complete record is refused unless ``overwrite`` (see ``writer`` module).
         """
-        return RecordWriter(self, check_key(key), kind, attrs, overwrite)
+        return RecordWriter(check_key(key), kind, attrs, overwrite, zarr_store=self._zarr_store,
+                            store_id=self._identity(), compressors_for=self.compressors_for,
+                            is_complete=self.is_complete, wipe=self._wipe)
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -135,7 +130,7 @@ class Store:
             raise IncompleteRecord(f"record {key} does not exist (or its metadata is unreadable)")
         if not _is_complete_metadata(attributes):
             raise IncompleteRecord(f"record {key} has no completion mark: recompute it")
-        return Record(self, key, attributes)
+        return Record(key, attributes, self._zarr_store, self._exists)
 
     def verify(self, key: str) -> bool:
         """Read every written slice of a complete record and check it against the manifest.
@@ -149,14 +144,7 @@ class Store:
         except IncompleteRecord:
             return False
         try:
-            for name in record.names:
-                for start, stop, crc in record._entry(name)["slices"]:
-                    if record.shape(name):
-                        stored = record.read_stored(name, start, stop)
-                    else:
-                        stored = record.read_stored(name)
-                    if slice_crc32(stored) != crc:
-                        raise CorruptRecord(key, name, f"rows [{start}, {stop}): crc32 mismatch")
+            record.check()
         except CorruptRecord as e:
             self.invalidate(key, reason=str(e))
             return False
@@ -288,20 +276,10 @@ class Store:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
-    def _claim_for_writing(self, key: str) -> None:
-        with _KEYS_BEING_WRITTEN_LOCK:
-            if self._identity(key) in _KEYS_BEING_WRITTEN:
-                raise RecordBusy(f"record {key} is already being written in this process")
-            _KEYS_BEING_WRITTEN.add(self._identity(key))
-
-    def _release_for_writing(self, key: str) -> None:
-        with _KEYS_BEING_WRITTEN_LOCK:
-            _KEYS_BEING_WRITTEN.discard(self._identity(key))
-
-    def _identity(self, key: str) -> tuple[str, str]:
-        """Names the record whatever URL spelling reached it ("/x" and "file:///x" alike)."""
+    def _identity(self) -> str:
+        """Names the store whatever URL spelling reached it ("/x" and "file:///x" alike)."""
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
-        return (f"{protocol}://{self.root}", key)
+        return f"{protocol}://{self.root}"
 
 
 def _reopen_store(url: str, compressor: BytesBytesCodec) -> Store:

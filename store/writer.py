@@ -31,18 +31,20 @@ import contextlib
 import logging
 import math
 import os
-import zlib
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import zarr
+from zarr.abc.codec import BytesBytesCodec
+from zarr.abc.store import Store as ZarrStore
 from zarr.codecs import Crc32cCodec
 
 from .dtypes import logical_dtype_name, stored_numpy_dtype, to_stored_array
-from .errors import RecordExists, StoreError, StoreWriteError
+from .errors import RecordBusy, RecordExists, StoreError, StoreWriteError
 from .keys import to_jsonable
 from .layout import (
     ARRAY_ATTR_DTYPE,
@@ -53,10 +55,8 @@ from .layout import (
     FORMAT_VERSION,
     check_name,
     record_path,
+    slice_crc32,
 )
-
-if TYPE_CHECKING:
-    from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -65,10 +65,10 @@ log = logging.getLogger(__name__)
 TARGET_CHUNK_BYTES = 16 * 1024 * 1024
 
 
-def slice_crc32(array: np.ndarray) -> str:
-    """crc32 of an array's stored bytes (hex), recorded per written slice for ``verify``."""
-    raw = np.ascontiguousarray(array).reshape(-1).view(np.uint8)  # no copy when contiguous
-    return f"{zlib.crc32(raw):08x}"
+# Records being written in this process, as (store identity, key): a second writer of the same key
+# (two parallel tasks computing one shared upstream record) fails fast instead of interleaving.
+_BEING_WRITTEN: set[tuple[str, str]] = set()
+_BEING_WRITTEN_LOCK = threading.Lock()
 
 
 def rows_of(shape: tuple[int, ...]) -> int:
@@ -120,22 +120,34 @@ class _ArrayInProgress:
 
 
 class RecordWriter:
-    """Writes one record; use through ``with store.writer(...) as w`` (see module docstring)."""
+    """Writes one record; use through ``with store.writer(...) as w`` (see module docstring).
+
+    What it needs of its store: ``zarr_store`` (the record is the group at ``record_path(key)``),
+    ``store_id`` (names the store whatever URL reached it, for the in-process claim),
+    ``compressors_for(stored_dtype)`` (the codecs of a new array), ``is_complete(key)`` and
+    ``wipe(key)`` (delete the record's directory, its metadata first).
+    """
 
     def __init__(
         self,
-        store: Store,
         key: str,
         kind: str,
         attrs: dict[str, Any] | None,
         overwrite: bool,
+        *,
+        zarr_store: ZarrStore,
+        store_id: str,
+        compressors_for: Callable[[np.dtype], list[BytesBytesCodec]],
+        is_complete: Callable[[str], bool],
+        wipe: Callable[[str], None],
     ) -> None:
         self.key = key
         self.kind = check_name(kind, "record kind")
         self.attrs = to_jsonable(attrs if attrs is not None else {})
         if not isinstance(self.attrs, dict):
             raise TypeError(f"record attrs must be a mapping or a model, not {type(attrs)}")
-        self._store = store
+        self._zarr_store, self._claim = zarr_store, (store_id, key)
+        self._compressors_for, self._is_complete, self._wipe = compressors_for, is_complete, wipe
         self._overwrite = overwrite
         self._group: zarr.Group | None = None
         self._arrays: dict[str, _ArrayInProgress] = {}
@@ -143,12 +155,15 @@ class RecordWriter:
     # -- lifecycle --------------------------------------------------------------------------
 
     def __enter__(self) -> RecordWriter:
-        self._store._claim_for_writing(self.key)
+        with _BEING_WRITTEN_LOCK:
+            if self._claim in _BEING_WRITTEN:
+                raise RecordBusy(f"record {self.key} is already being written in this process")
+            _BEING_WRITTEN.add(self._claim)
         try:
-            if not self._overwrite and self._store.is_complete(self.key):
+            if not self._overwrite and self._is_complete(self.key):
                 raise RecordExists(f"record {self.key} ({self.kind}) is already complete")
             with self._storage_errors():
-                self._store._wipe(self.key)
+                self._wipe(self.key)
                 record_info = {
                     "format": FORMAT_VERSION,
                     "key": self.key,
@@ -156,12 +171,12 @@ class RecordWriter:
                     "created": datetime.now(timezone.utc).isoformat(),
                 }
                 self._group = zarr.create_group(
-                    store=self._store._zarr_store,
+                    store=self._zarr_store,
                     path=record_path(self.key),
                     attributes={ATTR_RECORD: record_info, ATTR_USER: self.attrs},
                 )
         except BaseException:
-            self._store._release_for_writing(self.key)
+            self._release()
             raise
         return self
 
@@ -177,7 +192,7 @@ class RecordWriter:
                 self._discard()
         finally:
             self._group = None
-            self._store._release_for_writing(self.key)
+            self._release()
         return False  # never swallow the caller's exception
 
     # -- writing ----------------------------------------------------------------------------
@@ -216,7 +231,7 @@ class RecordWriter:
                 chunks=chunks,
                 # crc32c last: it checks the compressed bytes exactly as they are stored, so a
                 # truncated or altered chunk fails to decode instead of decoding to garbage.
-                compressors=[*self._store.compressors_for(stored), Crc32cCodec()],
+                compressors=[*self._compressors_for(stored), Crc32cCodec()],
                 fill_value=0,
                 # Write every chunk, even all-zero ones: a chunk missing on disk then always
                 # means damage (Zarr would otherwise silently read it back as zeros).
@@ -264,6 +279,10 @@ class RecordWriter:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _release(self) -> None:
+        with _BEING_WRITTEN_LOCK:
+            _BEING_WRITTEN.discard(self._claim)
+
     def _require_open(self) -> zarr.Group:
         if self._group is None:
             raise RuntimeError("use the writer inside `with store.writer(...) as w:`")
@@ -292,7 +311,7 @@ class RecordWriter:
 
     def _discard(self) -> None:
         try:
-            self._store._wipe(self.key)
+            self._wipe(self.key)
         except Exception as e:  # best effort: the data has no mark and will never be read
             log.warning("could not remove the partial record %s: %s", self.key, e)
 
