@@ -68,7 +68,7 @@ def run_loaq(H, C, B, W, spec):
     t0 = time.perf_counter()
     hessian = damp_hessian(H)
     t_target = time.perf_counter()
-    target = loaq_target(W, hessian, C, B, ALPHA, BETA)
+    target = loaq_target(W, hessian, ALPHA * C @ W.T.to(C.dtype) + BETA * B)  # R = αCWᵀ + βB, as W_out's
     t_target = time.perf_counter() - t_target
     gptq(target, hessian, spec)
     return time.perf_counter() - t0, t_target

@@ -7,7 +7,7 @@ quantized chain's store keys, so every field here that changes a result must be 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -19,14 +19,20 @@ Method = Literal["rtn", "gptq", "lloa", "lloa_soa", "loaq", "gptaq", "qronos"]
 #   noa:   W_out statistics weighted per token by s, s_hat of the next norm (normalised sub-layer output)
 # GPTAQ and Qronos use none of these terms: they correct the input mismatch C in their own solvers
 # (quant/gptaq.py, quant/qronos.py), so they need the clean stream too (MISMATCH_METHODS).
-METHOD_TERMS: dict[str, tuple[bool, bool, bool]] = {
-    "rtn": (False, False, False),
-    "gptq": (False, False, False),
-    "lloa": (True, False, False),
-    "lloa_soa": (True, True, False),
-    "loaq": (True, True, True),
-    "gptaq": (False, False, False),
-    "qronos": (False, False, False),
+class Terms(NamedTuple):
+    lloa: bool = False
+    soa: bool = False
+    noa: bool = False
+
+
+METHOD_TERMS: dict[str, Terms] = {
+    "rtn": Terms(),
+    "gptq": Terms(),
+    "lloa": Terms(lloa=True),
+    "lloa_soa": Terms(lloa=True, soa=True),
+    "loaq": Terms(lloa=True, soa=True, noa=True),
+    "gptaq": Terms(),
+    "qronos": Terms(),
 }
 MISMATCH_METHODS = frozenset({"gptaq", "qronos"})
 
@@ -98,14 +104,15 @@ class QuantizeConfig(Strict):
         return f"W{self.bits}" + (f"A{self.act_bits}" if self.act_bits is not None else "")
 
     @property
-    def terms(self) -> tuple[bool, bool, bool]:
-        """(lloa, soa, noa) switched on by the method."""
+    def terms(self) -> Terms:
+        """The LoaQ terms (lloa, soa, noa) switched on by the method."""
         return METHOD_TERMS[self.method]
 
     def alphas_beta(self) -> tuple[float, float, float]:
         """Effective (alpha_in, alpha_out, beta): zero where the method leaves a term off."""
-        lloa, soa, _ = self.terms
-        return (self.alpha_in if lloa else 0.0, self.alpha_out if lloa else 0.0, self.beta if soa else 0.0)
+        terms = self.terms
+        return (self.alpha_in if terms.lloa else 0.0, self.alpha_out if terms.lloa else 0.0,
+                self.beta if terms.soa else 0.0)
 
     def needs_clean_stream(self) -> bool:
         """GPTQ and RTN only need the quantized stream's inputs; the LoaQ family, GPTAQ and Qronos also

@@ -51,7 +51,7 @@ def setting_slug(q: QuantizeConfig) -> str:
     slug = f"{q.method}-w{q.bits}" + (f"-g{q.group_size}" if q.group_size else "")
     if any(q.terms):
         slug += f"-a{alpha_in:g}" + (f"-{alpha_out:g}" if alpha_out != alpha_in else "")
-    if q.terms[1]:
+    if q.terms.soa:
         slug += f"-b{beta:g}"
     return slug
 

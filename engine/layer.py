@@ -1,21 +1,32 @@
 """Quantize one decoder layer with two streams (paper, Algorithm 1, lines 3-21).
 
-The clean stream ``h`` is the full-precision model; the quantized stream ``h_hat`` runs the layer
-whose earlier linears are already quantized (true-sequential order: attention W_in = [q;k;v],
-attention W_out = o, MLP W_in = [gate;up], MLP W_out = down). For each W the engine accumulates
-statistics micro-batch by micro-batch, forms the LoaQ target and hands it to GPTQ with the same
-damped Hessian.
+What runs when (``LayerQuantizer.run``; one decoder layer, its two sub-layers in order):
 
-Every sub-layer is handled the same way: ``h + phi(Norm(h) W_in) W_out``. We build transformers'
-own decoder layer and replace its W_out linear by an identity, so calling the attention (or MLP)
-module yields ``X_hat = phi(Norm(h_hat) W_in)``, the input of W_out, which we then apply ourselves.
+    for each sub-layer h + phi(Norm(h) W_in) W_out  (attention: W_in = [q;k;v], W_out = o;
+                                                     MLP: W_in = [gate;up], W_out = down)
+        1. W_in statistics    H = X̂ᵀX̂, C = X̂ᵀ(X − X̂) of X = Norm(h)     ``_w_in_stats``
+        2. solve W_in          R = α·C·Wᵀ (LLOA); SOLVERS[method]           ``_solve``
+        3. W_out statistics   H and R (LoaQ family) or H, C (GPTAQ/Qronos)  ``_w_out_stats``
+        4. solve W_out         SOLVERS[method]                              ``_solve``
+        5. advance             ĥ ← ĥ + X̂Qᵀ (+ b) through the solved layer  ``_advance``
+
+    SOLVERS: gptq, lloa, lloa_soa, loaq → GPTQ towards W̃ = W + (H⁻¹R)ᵀ (``quant.loaq_target``);
+    gptaq, qronos → their own solvers on H and C; rtn → round to nearest (H's diagonal for NeUQI).
+
+The clean stream ``h`` is the full-precision model; the quantized stream ``h_hat`` runs the layer
+whose earlier linears are already quantized (true-sequential order). Each W is quantized towards
+its LoaQ target (``quant.targets.loaq_target``) by GPTQ with the same damped Hessian.
+
+We build transformers' own decoder layer and replace its W_out linear by an identity, so calling
+the attention (or MLP) module yields ``X_hat = phi(Norm(h_hat) W_in)``, the input of W_out, which
+we then apply ourselves.
 
 The clean stream is read, never recomputed: it comes as the layer's input h and each sub-layer's
 output Y = X W_out^T + b (``CleanStream``, computed once by ``forward.clean_layer_forward`` and
 shared by every variant). That is all the LoaQ targets need: W_in's C uses X = Norm(h) (h_mid =
 h + Y_attn for the MLP), and W_out's statistics need X only through X W_out^T = Y - b
-(``quant.ProjectedOutputStats``). So a variant on a stored clean stream runs the quantized stream
-only, like GPTQ.
+(``quant.ProjectedOutputStats``, ``quant.projected_difference``). So a variant on a stored clean
+stream runs the quantized stream only, like GPTQ.
 
 Norm factors: the W_out statistics of LoaQ weight each token by s = r(h + Y) and
 s_hat = r(h_hat + Y_hat) (eq. 12 with h_hat; Algorithm 1 line 11 misprints h), where r is the
@@ -29,6 +40,7 @@ only re-weights the independent per-output-channel least-squares problems (rows 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -39,8 +51,9 @@ from loaq.configs.schema import MISMATCH_METHODS, QuantizeConfig
 from loaq.models.adapters import Adapter, SubLayer
 from loaq.models.layers import (ContextFactory, InputTransform, build_layer, call_sublayer, input_transforms_of,
                                set_submodule, submodule, with_input_transforms)
-from loaq.quant import (InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec, damp_hessian, gptaq, gptq,
-                        loaq_target, projected_difference, qronos, rtn, shifted_target)
+from loaq.quant import (DampedHessian, GPTQResult, InputStats, ProjectedOutputStats, QuantizedWeight, QuantSpec,
+                        damp_hessian, gptaq, gptq, lloa_rhs, loaq_target, projected_difference, qronos, rtn)
+from loaq.quant.targets import RightHandSide
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 from .metrics import PhaseTimes
@@ -84,29 +97,65 @@ def quant_spec(cfg: QuantizeConfig) -> QuantSpec:
                      grid_init=cfg.grid_init)
 
 
-def solve(W: torch.Tensor, cfg: QuantizeConfig, stats, alpha: float, beta: float) -> tuple[QuantizedWeight, dict]:
-    """Quantize W (out, in) against its statistics: LoaQ target, then GPTQ with the same damped H
-    (GPTAQ and Qronos: their own solvers on the same damped H and C)."""
-    spec = quant_spec(cfg)
-    if cfg.method == "rtn":
+@dataclass(frozen=True)
+class SolverSettings:
+    """What the solvers read of the quantization config."""
+
+    method: str
+    spec: QuantSpec
+    percdamp: float
+    block_size: int
+    act_order: bool
+    static_groups: bool
+    gptaq_alpha: float
+
+    @classmethod
+    def of(cls, cfg: QuantizeConfig) -> "SolverSettings":
+        return cls(cfg.method, quant_spec(cfg), cfg.percdamp, cfg.block_size, cfg.act_order, cfg.static_groups,
+                   cfg.gptaq_alpha)
+
+    @property
+    def options(self) -> dict:
+        return dict(block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups)
+
+
+Solver = Callable[[torch.Tensor, DampedHessian, "torch.Tensor | None", "RightHandSide | None", SolverSettings],
+                  GPTQResult]
+
+
+def gptq_to_target(W, hessian, C, R, s: SolverSettings) -> GPTQResult:
+    """GPTQ towards the LoaQ target W̃ = W + (H⁻¹R)ᵀ (W itself when R is None: plain GPTQ)."""
+    target = loaq_target(W, hessian, R)
+    hessian.drop_factor()  # GPTQ refactors H in its column order
+    return gptq(target, hessian, s.spec, **s.options)
+
+
+def gptaq_solver(W, hessian, C, R, s: SolverSettings) -> GPTQResult:
+    return gptaq(W, hessian, C, s.spec, alpha=s.gptaq_alpha, **s.options)
+
+
+def qronos_solver(W, hessian, C, R, s: SolverSettings) -> GPTQResult:
+    return qronos(W, hessian, C, s.spec, **s.options)
+
+
+# Method -> solver on the damped H. GPTAQ and Qronos correct the mismatch C in their own solvers;
+# the LoaQ ladder differs only in the right-hand side R its statistics produce.
+SOLVERS: dict[str, Solver] = {"gptq": gptq_to_target, "lloa": gptq_to_target, "lloa_soa": gptq_to_target,
+                              "loaq": gptq_to_target, "gptaq": gptaq_solver, "qronos": qronos_solver}
+
+
+def solve(W: torch.Tensor, stats, C: torch.Tensor | None, R: RightHandSide | None,
+          s: SolverSettings) -> tuple[QuantizedWeight, dict]:
+    """Quantize W (out, in) against its statistics' H, the mismatch C (GPTAQ, Qronos) and the LoaQ
+    target's right-hand side R."""
+    # The accumulator is not needed after this: it becomes the damped H in place (the largest tensor
+    # of a layer).
+    if s.method == "rtn":
         # NeUQI weighs the grid's error by the damped Hessian's diagonal, as it does under GPTQ.
-        importance = damp_hessian(stats.H, cfg.percdamp, overwrite=True).H.diagonal() if spec.uses_importance else None
-        return rtn(W, spec, importance), {}
-    # The accumulator is not needed after this: it becomes the damped H in place (memory: the
-    # largest tensor of a layer, 6.6 GB in float64 for a 70B down_proj).
-    hessian = damp_hessian(stats.H, cfg.percdamp, overwrite=True)
-    options = dict(block_size=cfg.block_size, act_order=cfg.act_order, static_groups=cfg.static_groups)
-    if cfg.method == "gptaq":  # GPTAQ and Qronos correct the mismatch C in their own solvers
-        result = gptaq(W, hessian, stats.C, spec, alpha=cfg.gptaq_alpha, **options)
-    elif cfg.method == "qronos":
-        result = qronos(W, hessian, stats.C, spec, **options)
-    else:
-        if isinstance(stats, ProjectedOutputStats):
-            target = shifted_target(W, hessian, stats.R)  # alpha, beta are already in R
-        else:
-            target = loaq_target(W, hessian, stats.C, stats.B, alpha, beta)
-        hessian.drop_factor()  # GPTQ refactors H in its column order
-        result = gptq(target, hessian, spec, **options)
+        importance = damp_hessian(stats.H, s.percdamp, overwrite=True).H.diagonal() if s.spec.uses_importance else None
+        return rtn(W, s.spec, importance), {}
+    hessian = damp_hessian(stats.H, s.percdamp, overwrite=True)
+    result = SOLVERS[s.method](W, hessian, C, R, s)
     info = {"loss": float(result.loss), "percdamp": float(result.percdamp), "lambda": float(result.lam),
             "tokens": int(stats.n_tokens)}
     return result.qweight, info
@@ -120,10 +169,15 @@ class LayerQuantizer:
                  contexts: ContextFactory, *, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                  micro_batch: int = 8, cache_bytes: int = 8 << 30,
                  input_transforms: dict[str, list[InputTransform]] | None = None):
-        self.adapter, self.config, self.index, self.cfg = adapter, config, index, cfg
+        self.adapter, self.config, self.index = adapter, config, index
         self.contexts, self.device, self.dtype, self.micro_batch = contexts, device, dtype, micro_batch
         self.eps = float(config.rms_norm_eps)
         self.cache_bytes = cache_bytes  # host memory allowed for caching a sub-layer's W_out inputs
+        # What the layer reads of the config: the solver settings, the terms' strengths, the streams.
+        self.settings = SolverSettings.of(cfg)
+        self.alpha_in, self.alpha_out, self.beta = cfg.alphas_beta()
+        self.noa = cfg.terms.noa
+        self.needs_clean, self.resets_clean = cfg.needs_clean_stream(), cfg.resets_clean_stream()
         # input_transforms: the model's own online transforms of linear inputs (a rotated model's
         # online Hadamard), applied in both streams; see models.layers.add_input_transform. With
         # act_bits, every linear of the quantized stream also quantizes its input per token, after
@@ -141,7 +195,7 @@ class LayerQuantizer:
         self.result = LayerResult()
         self.timer = PhaseTimes(device)
         # RTN needs no statistics, except the Hessian diagonal that NeUQI weighs its grid search by.
-        self.gathers_statistics = cfg.method != "rtn" or quant_spec(cfg).uses_importance
+        self.gathers_statistics = cfg.method != "rtn" or self.settings.spec.uses_importance
         # GPTAQ and Qronos need C = X_hat^T (X - X_hat) of W_out itself, so the clean X (W_out's
         # input in the full-precision layer) is recomputed for them; the LoaQ family needs only Y.
         self.fp = None
@@ -182,91 +236,109 @@ class LayerQuantizer:
             self.result.weights[name] = part
             row += rows
 
-    def _solve(self, part: str, W: torch.Tensor, stats, alpha: float, beta: float) -> QuantizedWeight:
+    def _solve(self, part: str, W: torch.Tensor, stats, C: torch.Tensor | None,
+               R: RightHandSide | None) -> QuantizedWeight:
         with self.timer("solve"):
-            q, info = solve(W, self.cfg, stats, alpha, beta)
+            q, info = solve(W, stats, C, R, self.settings)
         self.result.solver[part] = info
         return q
 
-    # -- one sub-layer ------------------------------------------------------------------------------
+    # -- the steps of one sub-layer ------------------------------------------------------------------
+    def _w_in_stats(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
+                    n_in: int) -> InputStats:
+        """H = X̂ᵀX̂ and C = X̂ᵀ(X − X̂) of X = Norm(h). Norms are not quantized, so the quantized layer's
+        norm serves both streams. W_in's linears read one input, each through the same transforms: the
+        model's own (both streams) and, in the quantized stream, the activation quantizer."""
+        stats = InputStats(n_in, device=self.device)
+        if not self.gathers_statistics:
+            return stats
+        quant_reads = input_transforms_of(submodule(self.quant, sub.w_in[0]))
+        clean_reads = self.model_transforms.get(sub.w_in[0], ())
+        norm = submodule(self.quant, sub.norm)
+        for start, stop in micro_batches(hq.shape[0], self.micro_batch):
+            hq_b = self._load(hq, start, stop)
+            h_b = None if clean is None else self._clean_input(clean, position, start, stop)
+            with self.timer("stats"):
+                xq = self._flat(apply_all(quant_reads, norm(hq_b)))
+                stats.add(None if clean is None else self._flat(apply_all(clean_reads, norm(h_b))), xq)
+        return stats
+
+    def _w_out_stats(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
+                     W_out: torch.Tensor, bias: torch.Tensor | None
+                     ) -> tuple[InputStats | ProjectedOutputStats, torch.Tensor | None, RightHandSide | None,
+                                MemoryArray | None]:
+        """W_out's statistics on X̂ = phi(Norm(ĥ) W_in) with the quantized W_in, C (GPTAQ/Qronos), its
+        right-hand side R, and X̂ kept in host memory (within the budget) for advancing the stream:
+        X̂ does not depend on W_out.
+
+        GPTQ/RTN: H of X̂ alone. GPTAQ/Qronos: H and C, from the clean X recomputed by the full-precision
+        layer. The LoaQ family: H and R = Σ X̂'ᵀD, D from the stored clean output Y (no clean X)."""
+        n, (n_out, n_in) = hq.shape[0], W_out.shape
+        projected = clean is not None and self.fp is None
+        stats = (ProjectedOutputStats(n_in, n_out, device=self.device) if projected
+                 else InputStats(n_in, device=self.device))
+        if not self.gathers_statistics:
+            return stats, None, None, None
+        inner_shape = (n, *hq.shape[1:-1], n_in)
+        cache = None
+        if math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
+            cache = MemoryArray(shape=inner_shape, dtype=self.dtype)
+        for start, stop in micro_batches(n, self.micro_batch):
+            hq_b = self._load(hq, start, stop)
+            xq = self._inner(sub, hq_b)
+            if cache is not None:
+                cache.write(start, xq)
+            if clean is None:
+                with self.timer("stats"):
+                    stats.add(None, self._flat(xq))
+            elif self.fp is not None:
+                h_b = self._clean_input(clean, position, start, stop)
+                with self.timer("clean_forward"):
+                    x = call_sublayer(self.fp, sub, h_b, self.contexts, self.index)
+                with self.timer("stats"):
+                    stats.add(self._flat(x), self._flat(xq))
+            else:
+                h_b = self._clean_input(clean, position, start, stop)
+                y = self._load(clean.out[sub.name], start, stop)
+                with self.timer("stats"):
+                    flat_xq = self._flat(xq)
+                    D, s_hat = projected_difference(self._flat(h_b), self._flat(y), self._flat(hq_b), flat_xq,
+                                                    W_out, bias, self.alpha_out, self.beta,
+                                                    self.eps if self.noa else None)
+                    stats.add(flat_xq, D, s_hat)
+        if projected:
+            return stats, None, stats.R, cache
+        return stats, stats.C, lloa_rhs(stats.C, W_out, self.alpha_out), cache
+
+    def _advance(self, sub: SubLayer, hq: SampleArray, hq_next: SampleArray, Q: torch.Tensor,
+                 bias: torch.Tensor | None, cache: MemoryArray | None) -> None:
+        """The quantized stream through the finished sub-layer: ĥ + X̂Qᵀ (+ b)."""
+        for start, stop in micro_batches(hq.shape[0], self.micro_batch):
+            hq_b = self._load(hq, start, stop)
+            xq = self._load(cache, start, stop) if cache is not None else self._inner(sub, hq_b)
+            with self.timer("quant_forward"):
+                out = hq_b + F.linear(xq, Q, bias)
+            with self.timer("write"):
+                hq_next.write(start, out)
+
     @torch.no_grad()
     def _quantize_sublayer(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
                            hq_next: SampleArray) -> None:
-        cfg, n, timer = self.cfg, hq.shape[0], self.timer
-        alpha_in, alpha_out, beta = cfg.alphas_beta()
-        _, _, noa = cfg.terms
-        use_clean = clean is not None and cfg.needs_clean_stream()
-        gather = self.gathers_statistics
+        W_in = torch.cat([submodule(self.quant, name).weight for name in sub.w_in]).float()
+        stats = self._w_in_stats(position, sub, clean, hq, W_in.shape[1])
+        R = lloa_rhs(stats.C, W_in, self.alpha_in)
+        self._assign(sub.w_in, self._solve(f"{sub.name}.w_in", W_in, stats, stats.C, R))
+        del stats, R
 
-        # W_in: H = X_hat^T X_hat, C = X_hat^T (X - X_hat) with X = Norm(h). Norms are not
-        # quantized, so the quantized layer's norm serves both streams. W_in's linears read one input,
-        # each through the same transforms: the model's own (both streams) and, in the quantized
-        # stream, the activation quantizer, exactly as the modules apply them.
-        w_in_names = sub.w_in
-        quant_reads = input_transforms_of(submodule(self.quant, w_in_names[0]))
-        clean_reads = self.model_transforms.get(w_in_names[0], ())
-        W_in = torch.cat([submodule(self.quant, name).weight for name in w_in_names]).float()
-        stats = InputStats(W_in.shape[1], device=self.device)
-        if gather:
-            norm = submodule(self.quant, sub.norm)
-            for start, stop in micro_batches(n, self.micro_batch):
-                hq_b = self._load(hq, start, stop)
-                h_b = self._clean_input(clean, position, start, stop) if use_clean else None
-                with timer("stats"):
-                    xq = self._flat(apply_all(quant_reads, norm(hq_b)))
-                    stats.add(self._flat(apply_all(clean_reads, norm(h_b))) if use_clean else None, xq)
-        self._assign(w_in_names, self._solve(f"{sub.name}.w_in", W_in, stats, alpha_in, 0.0))
-        del stats
-
-        # W_out: statistics on X_hat = phi(Norm(h_hat) W_in) with the quantized W_in.
         linear = self.w_out[sub.name]
-        W_out, bias = linear.weight, linear.bias
-        n_out, n_in = W_out.shape
-        W_out32, bias32 = W_out.float(), None if bias is None else bias.float()  # no copy when float32
-        stats = (ProjectedOutputStats(n_in, n_out, device=self.device) if use_clean and self.fp is None
-                 else InputStats(n_in, device=self.device))
-        # X_hat does not depend on W_out: keep it (host memory, within a budget) for the final pass
-        # instead of running the sub-layer module a second time.
-        inner_shape = (n, *hq.shape[1:-1], n_in)
-        cache = None
-        if gather and math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
-            cache = MemoryArray(shape=inner_shape, dtype=self.dtype)
-        if gather:
-            for start, stop in micro_batches(n, self.micro_batch):
-                hq_b = self._load(hq, start, stop)
-                xq = self._inner(sub, hq_b)
-                if cache is not None:
-                    cache.write(start, xq)
-                if not use_clean:
-                    with timer("stats"):
-                        stats.add(None, self._flat(xq))
-                    continue
-                h_b = self._clean_input(clean, position, start, stop)
-                if self.fp is not None:
-                    with timer("clean_forward"):
-                        x = call_sublayer(self.fp, sub, h_b, self.contexts, self.index)
-                    with timer("stats"):
-                        stats.add(self._flat(x), self._flat(xq))
-                    continue
-                y = self._load(clean.out[sub.name], start, stop)
-                with timer("stats"):
-                    flat_xq = self._flat(xq)
-                    D, s_hat = projected_difference(self._flat(h_b), self._flat(y), self._flat(hq_b), flat_xq,
-                                                    W_out32, bias32, alpha_out, beta, self.eps if noa else None)
-                    stats.add(flat_xq, D, s_hat)
-        q = self._solve(f"{sub.name}.w_out", W_out32, stats, alpha_out, beta)
+        W_out = linear.weight.float()  # no copy when float32
+        bias32 = None if linear.bias is None else linear.bias.float()
+        stats, C, R, cache = self._w_out_stats(position, sub, clean, hq, W_out, bias32)
+        q = self._solve(f"{sub.name}.w_out", W_out, stats, C, R)
         self.result.weights[sub.w_out] = q
-        del stats
+        del stats, C, R
 
-        # Quantized stream through the finished sub-layer: h_hat + X_hat Q^T (+ b).
-        Q = q.weight.to(device=self.device, dtype=self.dtype)
-        for start, stop in micro_batches(n, self.micro_batch):
-            hq_b = self._load(hq, start, stop)
-            xq = self._load(cache, start, stop) if cache is not None else self._inner(sub, hq_b)
-            with timer("quant_forward"):
-                out = hq_b + F.linear(xq, Q, bias)
-            with timer("write"):
-                hq_next.write(start, out)
+        self._advance(sub, hq, hq_next, q.weight.to(device=self.device, dtype=self.dtype), linear.bias, cache)
 
     def _in_memory(self, arrays: list[SampleArray]) -> list[SampleArray]:
         """The arrays read once into host memory when together they fit the cache budget (each is
@@ -299,11 +371,11 @@ class LayerQuantizer:
     def run(self, clean: CleanStream | None, hq_in: SampleArray, hq_out: SampleArray) -> LayerResult:
         """Quantize the layer. ``clean`` (the clean stream through this layer) is needed by the LoaQ
         family and ignored by RTN/GPTQ, which only need the quantized stream."""
-        if self.cfg.resets_clean_stream():
+        if self.resets_clean:
             # Qronos: the clean stream restarts from the quantized one at this layer's input, so
             # C holds only this layer's own error (the full-precision layer applied to h_hat).
             clean = self._fp_stream(hq_in)
-        elif clean is not None and self.cfg.needs_clean_stream():
+        elif clean is not None and self.needs_clean:
             names = list(clean.out)
             h, *outs = self._in_memory([clean.h, *clean.out.values()])
             clean = CleanStream(h, dict(zip(names, outs)))

@@ -7,12 +7,12 @@ Convention (everywhere in this package): PyTorch's layout.
     W   (out, in)    a linear layer's weight, y = x Wᵀ
     X   (tokens, in) activations of the clean stream, X̂ those of the quantized stream
     H   (in, in)     H = X̂ᵀX̂,  C = X̂ᵀ(X − X̂)  (in, in)
-    B   (in, out)    B = X̂'ᵀ(s·h − ŝ·ĥ), with X̂' = diag(ŝ)X̂ (W_out only)
+    R   (in, out)    the target's right-hand side α·C·Wᵀ + β·X̂'ᵀ(s·h − ŝ·ĥ), X̂' = diag(ŝ)X̂
 
 The paper (arXiv 2509.06297) writes W as (in, out). Its target (Algorithm 1, line 18)
-    W̃ = (I + αH⁻¹C)W + βΔ,   Δ = H⁻¹B
-becomes in our convention
-    W̃ = W + α (H⁻¹ C Wᵀ)ᵀ + β (H⁻¹ B)ᵀ.
+    W̃ = (I + αH⁻¹C)W + βΔ,   Δ = H⁻¹X̂'ᵀ(s·h − ŝ·ĥ)
+becomes in our convention ``targets.loaq_target``:
+    W̃ = W + (H⁻¹R)ᵀ.
 """
 
 from .grid import QuantizedWeight, QuantSpec, fit_scale_zero, group_index
@@ -24,8 +24,8 @@ from .hadamard import Hadamard, HadamardSizeError
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
-from .stats import InputStats, OutputStats, ProjectedOutputStats, projected_difference
-from .targets import TargetSpec, loaq_target, shifted_target
+from .stats import InputStats, ProjectedOutputStats, noa_factors, projected_difference
+from .targets import MismatchProduct, lloa_rhs, loaq_target
 
 __all__ = [
     "ColumnOrder",
@@ -35,12 +35,11 @@ __all__ = [
     "HadamardSizeError",
     "HessianDampingError",
     "InputStats",
-    "OutputStats",
     "ProjectedOutputStats",
     "projected_difference",
     "QuantSpec",
     "QuantizedWeight",
-    "TargetSpec",
+    "MismatchProduct",
     "TokenQuantizer",
     "asymmetric_feedback",
     "column_order",
@@ -51,10 +50,11 @@ __all__ = [
     "gptaq",
     "gptq",
     "group_index",
+    "lloa_rhs",
     "loaq_target",
+    "noa_factors",
     "qronos",
     "qronos_start",
     "quantize_codes",
     "rtn",
-    "shifted_target",
 ]

@@ -56,11 +56,6 @@ class DampedHessian:
         """Free the Cholesky factor once no more solves are needed (GPTQ only needs H itself)."""
         self.cholesky_lower = None
 
-    def inverse(self) -> torch.Tensor:
-        """H⁻¹ (in, in) float64 (not used on hot paths)."""
-        eye = torch.eye(self.n_in, dtype=torch.float64, device=self.H.device)
-        return torch.cholesky_solve(eye, self.cholesky_lower)
-
     def inverse_cholesky_upper(self, perm: torch.Tensor | None = None) -> torch.Tensor:
         """Upper-triangular U (float64) with UᵀU = (P H Pᵀ)⁻¹, P the column order ``perm``.
 
@@ -68,9 +63,9 @@ class DampedHessian:
         with J the order reversal and L' the lower Cholesky factor of J P H Pᵀ J,
         (P H Pᵀ)⁻¹ = (J L'⁻¹ J)ᵀ (J L'⁻¹ J) and J L'⁻¹ J is upper triangular with a positive
         diagonal, hence *the* Cholesky factor. One Cholesky and one triangular solve instead of
-        the reference's Cholesky, cholesky_inverse and second Cholesky (torch's CPU
-        cholesky_inverse is ~10x slower than a triangular solve at in = 4096), and no Cholesky
-        of the worse-conditioned H⁻¹. Permuting H does not change the damping decided here.
+        the reference's Cholesky, cholesky_inverse and second Cholesky (a triangular solve is far
+        cheaper than torch's CPU cholesky_inverse), and no Cholesky of the worse-conditioned H⁻¹.
+        Permuting H does not change the damping decided here.
         """
         # Peak memory is held to H + 3 (in x in): the reordered copy is freed once factored.
         if perm is None:
@@ -127,7 +122,7 @@ def damp_hessian(
         raise ValueError(f"escalation_factor must be > 1, got {escalation_factor}")
     # Cholesky reads one triangle only; symmetrising makes solve() and the stored H agree.
     if overwrite and H.dtype == torch.float64:
-        H64 = H  # the caller's accumulator becomes the damped H: no in x in copy (70B down_proj: 6.6 GB)
+        H64 = H  # the caller's accumulator becomes the damped H: no in x in copy (the largest tensor)
     else:
         H64 = H.to(torch.float64, copy=True)
     _symmetrize_(H64)

@@ -27,7 +27,7 @@ def variant_label(q: QuantizeConfig, with_terms: bool = False) -> str:
     if with_terms and any(q.terms):
         alpha_in, alpha_out, beta = q.alphas_beta()
         alpha = f"{alpha_in:g}" if alpha_in == alpha_out else f"{alpha_in:g}/{alpha_out:g}"
-        label += f" a={alpha}" + (f" b={beta:g}" if q.terms[1] else "")
+        label += f" a={alpha}" + (f" b={beta:g}" if q.terms.soa else "")
     return label
 
 

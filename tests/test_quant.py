@@ -13,21 +13,21 @@ import torch
 from loaq.quant import (
     HessianDampingError,
     InputStats,
-    OutputStats,
+    MismatchProduct,
     ProjectedOutputStats,
     QuantSpec,
-    TargetSpec,
     damp_hessian,
     dequantize,
     fake_quantize,
     fit_scale_zero,
     gptq,
+    lloa_rhs,
     loaq_target,
     projected_difference,
     quantize_codes,
     rtn,
-    shifted_target,
 )
+from loaq.configs.schema import QuantizeConfig
 
 from conftest import correlated_inputs
 
@@ -269,46 +269,39 @@ def two_streams(tokens, n_in, n_out):
     return X, Xq, h, hq
 
 
+def output_stats(X, Xq, h, hq, s=None, sq=None):
+    """The paper's W_out statistics in one shot (Algorithm 1, lines 12-16), the reference for the
+    engine's streamed ones: H = X̂'ᵀX̂', C = X̂'ᵀ(X' − X̂'), B = X̂'ᵀ(s·h − ŝ·ĥ), X' = diag(s)X."""
+    if s is not None:
+        X, h, Xq, hq = s[:, None] * X, s[:, None] * h, sq[:, None] * Xq, sq[:, None] * hq
+    return Xq.T @ Xq, Xq.T @ (X - Xq), Xq.T @ (h - hq)
+
+
+def reference_target(W, H, C, B, alpha, beta):
+    """W̃ = (I + αH⁻¹C)W + βH⁻¹B of Algorithm 1 line 18, written in the (out, in) convention with an
+    explicit solve: W + (H⁻¹(α·C·Wᵀ + β·B))ᵀ."""
+    W64 = W.double()
+    return (W64 + torch.linalg.solve(H, alpha * C @ W64.T + beta * B).T).to(W.dtype)
+
+
 def test_streaming_stats_equal_one_shot():
     n_in, n_out = 48, 40
-    X, Xq, h, hq = two_streams(300, n_in, n_out)
-    W = torch.randn(n_out, n_in, dtype=torch.float64)
-    s, sq = rms_factor(h + X @ W.T), rms_factor(hq + Xq @ W.T)
-    Xs, Xqs = s[:, None] * X, sq[:, None] * Xq
-    H_ref, C_ref = Xqs.T @ Xqs, Xqs.T @ (Xs - Xqs)
-    B_ref = Xqs.T @ (s[:, None] * h - sq[:, None] * hq)
-
+    X, Xq, _, _ = two_streams(300, n_in, n_out)
     splits = [0, 37, 137, 300]  # uneven micro-batches
     for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
-        input_stats, output_stats = InputStats(n_in, compute_dtype=dtype), OutputStats(n_in, n_out, compute_dtype=dtype)
+        stats = InputStats(n_in, compute_dtype=dtype)
         for a, b in zip(splits[:-1], splits[1:]):
-            input_stats.add(X[a:b], Xq[a:b])
-            output_stats.add(X[a:b], Xq[a:b], h[a:b], hq[a:b], s[a:b], sq[a:b])
-        assert input_stats.n_tokens == output_stats.n_tokens == 300
-        assert input_stats.B is None
-        assert input_stats.H.dtype == torch.float64 and output_stats.B.shape == (n_in, n_out)
-        torch.testing.assert_close(input_stats.H, Xq.T @ Xq, rtol=tol, atol=tol * 300)
-        torch.testing.assert_close(input_stats.C, Xq.T @ (X - Xq), rtol=tol, atol=tol * 300)
-        torch.testing.assert_close(output_stats.H, H_ref, rtol=tol, atol=tol * 300)
-        torch.testing.assert_close(output_stats.C, C_ref, rtol=tol, atol=tol * 300)
-        torch.testing.assert_close(output_stats.B, B_ref, rtol=tol, atol=tol * 300)
-
-    # merging two partial accumulators (a resumed run) gives the same sums; 3-D batches flatten
-    first, second = OutputStats(n_in, n_out, compute_dtype=torch.float64), OutputStats(n_in, n_out, compute_dtype=torch.float64)
-    first.add(X[:100].reshape(4, 25, n_in), Xq[:100].reshape(4, 25, n_in), h[:100].reshape(4, 25, n_out),
-              hq[:100].reshape(4, 25, n_out), s[:100].reshape(4, 25), sq[:100].reshape(4, 25))
-    second.add(X[100:], Xq[100:], h[100:], hq[100:], s[100:], sq[100:])
-    merged = first.merge(second)
-    assert merged.n_tokens == 300
-    torch.testing.assert_close(merged.B, B_ref, rtol=1e-12, atol=1e-9)
-    torch.testing.assert_close(merged.C, C_ref, rtol=1e-12, atol=1e-9)
-
-    # s = ŝ = None: the unnormalized sub-layer objective
-    plain = OutputStats(n_in, n_out, compute_dtype=torch.float64)
-    plain.add(X, Xq, h, hq)
-    torch.testing.assert_close(plain.B, Xq.T @ (h - hq), rtol=1e-12, atol=1e-9)
-    with pytest.raises(ValueError):
-        plain.add(X, Xq, h, hq, s, None)
+            stats.add(X[a:b], Xq[a:b])
+        assert stats.n_tokens == 300 and stats.H.dtype == torch.float64
+        torch.testing.assert_close(stats.H, Xq.T @ Xq, rtol=tol, atol=tol * 300)
+        torch.testing.assert_close(stats.C, Xq.T @ (X - Xq), rtol=tol, atol=tol * 300)
+    # 3-D (batch, seq, width) micro-batches flatten to tokens
+    stats = InputStats(n_in, compute_dtype=torch.float64)
+    stats.add(X[:100].reshape(4, 25, n_in), Xq[:100].reshape(4, 25, n_in))
+    stats.add(X[100:], Xq[100:])
+    torch.testing.assert_close(stats.C, Xq.T @ (X - Xq), rtol=1e-12, atol=1e-9)
+    with pytest.raises(ValueError, match="tokens"):
+        stats.add(X[:10], Xq[:11])
 
 
 # ----------------------------------------------------------------------------- targets
@@ -330,16 +323,16 @@ def test_w_in_target_is_least_squares_minimiser():
     stats.add(X, Xq)
     # exact least squares (no damping; 512 tokens > 64 inputs so H is positive definite)
     hessian0 = damp_hessian(stats.H, percdamp=0.0)
-    target = loaq_target(W, hessian0, stats.C, None, alpha=1.0, beta=0.0)
+    target = loaq_target(W, hessian0, lloa_rhs(stats.C, W, 1.0))
     expected = torch.linalg.lstsq(Xq, X @ W.T).solution.T  # argmin ‖X̂ W̃ᵀ − X Wᵀ‖
     torch.testing.assert_close(target, expected, rtol=1e-9, atol=1e-9)
     # with the GPTQ damping, the target is the ridge solution with the same λ
     hessian = damp_hessian(stats.H, percdamp=0.01)
-    target = loaq_target(W, hessian, stats.C, None, alpha=1.0, beta=0.0)
+    target = loaq_target(W, hessian, lloa_rhs(stats.C, W, 1.0))
     torch.testing.assert_close(target, ridge_lstsq(Xq, X @ W.T, W, hessian.lam), rtol=1e-9, atol=1e-9)
     assert not torch.allclose(target, W, atol=1e-3)
     # α interpolates linearly between W and the full correction
-    half = loaq_target(W, hessian, stats.C, None, alpha=0.5, beta=0.0)
+    half = loaq_target(W, hessian, lloa_rhs(stats.C, W, 0.5))
     torch.testing.assert_close(half, W + 0.5 * (target - W), rtol=1e-10, atol=1e-10)
 
 
@@ -348,12 +341,14 @@ def test_w_out_normalized_target_is_least_squares_minimiser():
     X, Xq, h, hq = two_streams(512, n_in, n_out)
     W = torch.randn(n_out, n_in, dtype=torch.float64)
     s, sq = rms_factor(h + X @ W.T), rms_factor(hq + Xq @ W.T)
-    stats = OutputStats(n_in, n_out, compute_dtype=torch.float64)
+    # the engine's statistics: R = Σ X̂'ᵀD from the clean output Y, with all three terms at full strength
+    stats = ProjectedOutputStats(n_in, n_out, compute_dtype=torch.float64)
     for a in range(0, 512, 128):
         b = a + 128
-        stats.add(X[a:b], Xq[a:b], h[a:b], hq[a:b], s[a:b], sq[a:b])
+        D, s_hat = projected_difference(h[a:b], X[a:b] @ W.T, hq[a:b], Xq[a:b], W, None, 1.0, 1.0, 1e-6)
+        stats.add(Xq[a:b], D, s_hat)
     hessian = damp_hessian(stats.H, percdamp=0.01)
-    target = loaq_target(W, hessian, stats.C, stats.B, alpha=1.0, beta=1.0)
+    target = loaq_target(W, hessian, stats.R)
     # argmin ‖diag(ŝ)(ĥ + X̂W̃ᵀ) − diag(s)(h + XWᵀ)‖² + λ‖W̃ − W‖²
     A = sq[:, None] * Xq
     Y = s[:, None] * (h + X @ W.T) - sq[:, None] * hq
@@ -368,19 +363,17 @@ def test_w_out_normalized_target_is_least_squares_minimiser():
 def test_projected_output_stats_equal_c_w_and_b_terms(normalized, alpha, beta):
     """The engine's W_out statistics need only Y = XWᵀ + b from the clean stream: with D from
     ``projected_difference`` (per micro-batch, from h, Y, ĥ, X̂), R equals α·C·Wᵀ + β·B of the full
-    OutputStats, and the target is the same."""
+    statistics of the paper, and the target is the same."""
     n_in, n_out, eps = 48, 32, 1e-6
     X, Xq, h, hq = two_streams(384, n_in, n_out)
     W = torch.randn(n_out, n_in, dtype=torch.float64)
     bias = torch.randn(n_out, dtype=torch.float64)
     Y, Yq = X @ W.T + bias, Xq @ W.T + bias
     s, sq = (rms_factor(h + Y, eps), rms_factor(hq + Yq, eps)) if normalized else (None, None)
-    full = OutputStats(n_in, n_out, compute_dtype=torch.float64)
     projected = ProjectedOutputStats(n_in, n_out, compute_dtype=torch.float64)
     for a in range(0, 384, 96):
         b = a + 96
         pick = lambda t: None if t is None else t[a:b]
-        full.add(X[a:b], Xq[a:b], h[a:b] + bias, hq[a:b] + bias, pick(s), pick(sq))
         D, s_hat = projected_difference(h[a:b], Y[a:b], hq[a:b], Xq[a:b], W, bias, alpha, beta,
                                         eps if normalized else None)
         if normalized:
@@ -388,36 +381,36 @@ def test_projected_output_stats_equal_c_w_and_b_terms(normalized, alpha, beta):
         else:
             assert s_hat is None
         projected.add(Xq[a:b], D, s_hat)
-    torch.testing.assert_close(projected.H, full.H, rtol=1e-12, atol=1e-10)
-    torch.testing.assert_close(projected.R, alpha * full.C @ W.T + beta * full.B, rtol=1e-10, atol=1e-9)
-    hessian = damp_hessian(full.H, percdamp=0.01)
-    torch.testing.assert_close(shifted_target(W, hessian, projected.R),
-                               loaq_target(W, hessian, full.C, full.B, alpha, beta), rtol=1e-9, atol=1e-9)
+    H, C, B = output_stats(X, Xq, h + bias, hq + bias, s, sq)
+    torch.testing.assert_close(projected.H, H, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(projected.R, alpha * C @ W.T + beta * B, rtol=1e-10, atol=1e-9)
+    hessian = damp_hessian(H.clone(), percdamp=0.01)
+    torch.testing.assert_close(loaq_target(W, hessian, projected.R),
+                               reference_target(W, hessian.H, C, B, alpha, beta), rtol=1e-9, atol=1e-9)
 
 
 def test_zero_coefficients_return_w_exactly():
     n_in, n_out = 32, 16
     X, Xq, h, hq = two_streams(128, n_in, n_out)
     W = torch.randn(n_out, n_in)  # float32 stays float32
-    stats = OutputStats(n_in, n_out)
-    stats.add(X, Xq, h, hq)
-    hessian = damp_hessian(stats.H)
-    for C, B, alpha, beta in [(stats.C, stats.B, 0.0, 0.0), (None, None, 1.0, 1.0), (stats.C, None, 0.0, 1.0)]:
-        out = loaq_target(W, hessian, C, B, alpha, beta)
+    H, C, B = output_stats(X, Xq, h, hq)
+    hessian = damp_hessian(H)
+    for R in (None, torch.zeros(n_in, n_out, dtype=torch.float64), lloa_rhs(C, W, 0.0), lloa_rhs(None, W, 1.0)):
+        out = loaq_target(W, hessian, R)
         assert torch.equal(out, W) and out.dtype == W.dtype and out.data_ptr() != W.data_ptr()
     # each term alone moves W
-    assert not torch.equal(loaq_target(W, hessian, stats.C, None, 1.0, 0.0), W)
-    assert not torch.equal(loaq_target(W, hessian, None, stats.B, 0.0, 1.0), W)
-    assert loaq_target(W, hessian, stats.C, stats.B, 0.3, 0.2).dtype == torch.float32
+    assert not torch.equal(loaq_target(W, hessian, lloa_rhs(C, W, 1.0)), W)
+    assert not torch.equal(loaq_target(W, hessian, B), W)
+    assert loaq_target(W, hessian, 0.3 * C @ W.T.double() + 0.2 * B).dtype == torch.float32
 
 
-def test_target_spec_ladder():
-    assert TargetSpec().method == "GPTQ"
-    assert TargetSpec(alpha=0.5).method == "LLOA"
-    assert TargetSpec(alpha=0.5, beta=0.25).method == "LLOA+SOA"
-    assert TargetSpec(alpha=0.5, beta=0.25, normalized=True).method == "LoaQ"
-    with pytest.raises(ValueError, match="alpha"):
-        TargetSpec(alpha=float("nan"))
+def test_method_ladder_switches_the_target_terms():
+    # GPTQ < LLOA < LLOA+SOA < LoaQ (paper Table 5): each method adds one term to the target.
+    coefficients = {m: QuantizeConfig(method=m, alpha_in=0.5, alpha_out=0.4, beta=0.25).alphas_beta()
+                    for m in ("gptq", "lloa", "lloa_soa", "loaq")}
+    assert coefficients == {"gptq": (0.0, 0.0, 0.0), "lloa": (0.5, 0.4, 0.0), "lloa_soa": (0.5, 0.4, 0.25),
+                            "loaq": (0.5, 0.4, 0.25)}
+    assert [QuantizeConfig(method=m).terms.noa for m in ("lloa_soa", "loaq")] == [False, True]
 
 
 # ----------------------------------------------------------------------------- singular H, damping
@@ -429,13 +422,12 @@ def test_singular_hessian_quantizes_and_targets_without_nan():
     X[:, 3], Xq[:, 3] = X[:, 2], Xq[:, 2]  # duplicated inputs
     Xq[:, [5, 11]] = 0.0  # never active in the quantized stream (still active in the clean one)
     X[:, 11] = 0.0
-    stats = OutputStats(n_in, n_out)
-    stats.add(X, Xq, h, hq)
-    hessian = damp_hessian(stats.H)
+    H, C, B = output_stats(X, Xq, h, hq)
+    hessian = damp_hessian(H)
     assert hessian.dead.nonzero().flatten().tolist() == [5, 11]
     assert hessian.percdamp == 0.01 and hessian.escalations == 0 and hessian.lam > 0
     W = torch.randn(n_out, n_in)
-    target = loaq_target(W, hessian, stats.C, stats.B, alpha=1.0, beta=1.0)
+    target = loaq_target(W, hessian, C @ W.T.double() + B)
     assert bool(torch.isfinite(target).all())
     for act_order in (False, True):
         result = gptq(target, hessian, QuantSpec(bits=3, group_size=8), block_size=16, act_order=act_order)
@@ -483,16 +475,17 @@ def test_w_in_target_equals_the_formula_in_either_solve_order(n_out):
     stats.add(X, Xq)
     W = torch.randn(n_out, n_in, dtype=torch.float64)
     hessian = damp_hessian(stats.H, percdamp=0.01)
-    expected = W + (hessian.inverse() @ stats.C @ W.T).T * 0.7
+    expected = W + torch.linalg.solve(hessian.H, stats.C @ W.T).T * 0.7
+    R = lloa_rhs(stats.C, W, 0.7)
+    assert isinstance(R, MismatchProduct) == (n_out > n_in)
     # The wide order multiplies by W in float32 (the solve itself stays float64).
     tol = 1e-9 if n_out <= n_in else 1e-5
-    torch.testing.assert_close(loaq_target(W, hessian, stats.C, None, 0.7, 0.0), expected, rtol=tol, atol=tol)
+    torch.testing.assert_close(loaq_target(W, hessian, R), expected, rtol=tol, atol=tol)
 
 
 def test_symmetric_gram_sum_equals_the_full_product():
     # H is accumulated from the column blocks on and above the diagonal only and mirrored when read:
-    # every width (blocked or not, uneven last block), reads between adds and merges of a read with an
-    # unread sum must give the full Σ XᵀX.
+    # every width (blocked or not, uneven last block) and reads between adds must give the full Σ XᵀX.
     for width in (48, 256, 300, 577):
         X = correlated_inputs(400, width, dtype=torch.float64)
         stats = InputStats(width, compute_dtype=torch.float64)
@@ -501,13 +494,6 @@ def test_symmetric_gram_sum_equals_the_full_product():
             if i == 1:  # a read in the middle (the mirrored part must be redone after more adds)
                 torch.testing.assert_close(stats.H, X[:260].T @ X[:260], rtol=1e-12, atol=1e-9)
         torch.testing.assert_close(stats.H, X.T @ X, rtol=1e-12, atol=1e-9)
-        unread = InputStats(width, compute_dtype=torch.float64)
-        unread.add(None, X[:100])
-        read = InputStats(width, compute_dtype=torch.float64)
-        read.add(None, X[100:])
-        read.H
-        torch.testing.assert_close(unread.merge(read).H, X.T @ X, rtol=1e-12, atol=1e-9)
-        torch.testing.assert_close(InputStats(width).merge(stats).H, X.T @ X, rtol=1e-12, atol=1e-9)
     # the W_out accumulators block their H the same way
     X = correlated_inputs(200, 300, dtype=torch.float64)
     D = torch.randn(200, 7, dtype=torch.float64)
@@ -526,5 +512,3 @@ def test_single_stream_input_stats_skip_the_mismatch_term():
         two.add(chunk, chunk)
     assert one.C is None and torch.count_nonzero(two.C) == 0
     assert torch.equal(one.H, two.H) and one.n_tokens == two.n_tokens == 300
-    merged = InputStats(24).merge(two).merge(one)
-    assert torch.equal(merged.H, 2 * one.H) and torch.count_nonzero(merged.C) == 0
