@@ -48,9 +48,9 @@ def _single_threaded_if_cpu(device: torch.device):
     """Run the column-by-column part on one CPU thread, restoring the setting afterwards.
 
     Each column is a dozen tiny ops on an (out,) vector. With several intra-op threads torch
-    fans some of them (round, abs, addr) out over OpenMP; on a loaded machine every fan-out
-    waits for a descheduled thread and a 2 µs op takes 0.1–3 ms, which made the loop 10x
-    slower than the whole BLAS-3 work. The big lazy block update stays multi-threaded.
+    fans some of them out over OpenMP, and on a loaded machine each fan-out waits for a
+    descheduled thread, so the loop costs more than the BLAS-3 work (``bench/README.md``).
+    The big lazy block update stays multi-threaded.
     """
     previous = torch.get_num_threads()
     if device.type != "cpu" or previous == 1:

@@ -27,7 +27,7 @@ min-max scale (range including 0). Finally the min-max grid itself is compared o
 and kept where NeUQI does not beat it, so NeUQI's loss is never above min-max's.
 
 Speed (CPU). Ranking the T_c + T_f/T_c (96) scales of a row by the exact window sweep needs a sort
-per row and scale, ~30 µs per weight on one core. The scales are instead ranked by a binned sweep
+per row and scale (``bench/neuqi_speed.py`` times both). The scales are instead ranked by a binned sweep
 (_binned_loss), and only the chosen scale's zero point is found by the exact sweep:
 
 * each code step of the window is moved to the left edge of its bin (128 per unit of z): a step moved
@@ -223,10 +223,9 @@ def neuqi_grid(w: torch.Tensor, importance: torch.Tensor, scale_mm: torch.Tensor
     if w.is_cuda:
         return search(slice(None))
     # On a CPU the search is many cache-sized ops: fanning each out over OpenMP threads waits on
-    # descheduled ones when the machine is loaded (measured 3-8x slower with 2 threads than with 1).
-    # Rows are independent, so instead each of the configured threads searches its own share of the
-    # rows with single-threaded ops (torch releases the GIL inside each op): the same result, bit for
-    # bit; 3072 x 576 at W3 here took 2.0-2.6 s on 2 threads against 3.5-3.9 s on one.
+    # descheduled ones when the machine is loaded. Rows are independent, so instead each of the
+    # configured threads searches its own share of the rows with single-threaded ops (torch releases
+    # the GIL inside each op): the same result, bit for bit (``bench/neuqi_speed.py``).
     threads = torch.get_num_threads()
     share = max(1, -(-w.shape[0] // threads))
     parts = [slice(start, start + share) for start in range(0, w.shape[0], share)]  # views, no copies

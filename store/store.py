@@ -47,19 +47,16 @@ from .writer import RecordWriter
 def default_compressor() -> BytesBytesCodec:
     """zstd level 1, for the arrays it pays on (see ``Store.compressors_for``).
 
-    On bf16 activations (normal-like values) it stores ~78% of the raw bytes, the saving
-    being the low-entropy exponent bits, at a few hundred MB/s per core for writing and
-    ~850 MB/s for reading. Measured alternatives on the same data (2-core VM): Blosc/zstd with
-    byte shuffle gave the same ratio but wrote 40% and read 4x slower; Blosc/lz4 read fastest
-    but kept 87%. Pass ``Store(url, compressor=...)`` to choose another codec for every array.
+    On bf16 activations the exponent bits are low-entropy, so a fast codec saves about a fifth of
+    the bytes (the codecs compared: ``bench/README.md``). Pass ``Store(url, compressor=...)`` to
+    choose another codec for every array.
     """
     return ZstdCodec(level=1)
 
 
-# float32 / float64 arrays (hidden states, Hessians) are stored uncompressed by default: zstd-1
-# keeps 93% of the bytes of SmolLM2's float32 hidden states (a 23-bit mantissa is noise to it)
-# while reading 3.3x slower than the raw checksummed chunks (43 ms against 13 ms for 38 MB on a
-# 2-core VM). Every layer reads the clean stream back, and at 70B that is ~26 GB a layer.
+# float32 / float64 arrays (hidden states, Hessians) are stored uncompressed by default: a 23-bit
+# mantissa is noise to a codec, so it saves little and slows the clean stream's read-back, which
+# every layer does (``bench/README.md``).
 _STORED_RAW = {np.dtype(np.float32), np.dtype(np.float64)}
 
 
