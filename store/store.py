@@ -8,7 +8,8 @@ checks, ``locks`` for the consistency model and ``events`` for the execution log
 URLs: a plain path or ``file://`` URL is a local directory (Zarr ``LocalStore``, real
 ``flock`` locks). Any other fsspec URL (``memory://``, ``s3://``, ``gs://`` ...) goes through
 Zarr's ``FsspecStore``; there the completion mark is a single PUT of the record's ``zarr.json``
-and locks are advisory (see ``locks``). ``memory://`` is tested; object stores are not.
+and locks are leased conditional PUTs on S3 and ``memory://``, advisory elsewhere (see
+``locks``). Local directories, ``memory://`` and S3 (a server on loopback) are tested.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from . import events as events_module
-from .errors import CorruptRecord, IncompleteRecord, RecordBusy
+from .conditional import conditional_ops
+from .errors import CorruptRecord, IncompleteRecord, RecordBusy, StoreLocked
 from .layout import (
     ATTR_COMPLETE,
     ATTR_INVALIDATED,
@@ -42,6 +44,7 @@ from .layout import (
 )
 from .locks import StoreLock
 from .records import Record, RecordInfo
+from .resilient import RetryingStore
 from .writer import RecordWriter, slice_crc32
 
 
@@ -68,6 +71,7 @@ _STORED_RAW = {np.dtype(np.float32), np.dtype(np.float64)}
 # parallel tasks computing one shared upstream record) fails fast instead of interleaving.
 _KEYS_BEING_WRITTEN: set[tuple[str, str]] = set()
 _KEYS_BEING_WRITTEN_LOCK = threading.Lock()
+_RECORD_LOCKS: dict[tuple[str, str], StoreLock] = {}
 
 
 class Store:
@@ -88,6 +92,7 @@ class Store:
             self._zarr_store = LocalStore(self.root)
         else:
             self._zarr_store = FsspecStore.from_url(url)
+        self._zarr_store = RetryingStore(self._zarr_store)  # transient errors retried (``resilient``)
         self._events = events_module.EventLog(self.fs, self.root)
 
     def __repr__(self) -> str:
@@ -293,8 +298,27 @@ class Store:
             if self._identity(key) in _KEYS_BEING_WRITTEN:
                 raise RecordBusy(f"record {key} is already being written in this process")
             _KEYS_BEING_WRITTEN.add(self._identity(key))
+        # Across processes and hosts: a leased lock per record where the store has conditional
+        # writes (see ``locks``), so one writer per record holds there too.
+        if not self.is_local and conditional_ops(self.fs) is not None:
+            record_lock = self.lock(f"record-{key}", timeout=0.0)
+            try:
+                record_lock.acquire()
+            except StoreLocked as e:
+                self._release_for_writing(key)
+                raise RecordBusy(f"record {key} is being written by another process: {e}") from None
+            _RECORD_LOCKS[self._identity(key)] = record_lock
+
+    def _check_claim(self, key: str) -> None:
+        """Raise if this process lost its claim on ``key`` (its record lock's lease ran out)."""
+        record_lock = _RECORD_LOCKS.get(self._identity(key))
+        if record_lock is not None:
+            record_lock.check()
 
     def _release_for_writing(self, key: str) -> None:
+        record_lock = _RECORD_LOCKS.pop(self._identity(key), None)
+        if record_lock is not None:
+            record_lock.release()
         with _KEYS_BEING_WRITTEN_LOCK:
             _KEYS_BEING_WRITTEN.discard(self._identity(key))
 
