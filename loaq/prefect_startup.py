@@ -25,7 +25,7 @@ PREFECT_DEFAULT_WINDOW = 20
 #: Our default window: a first start on a fresh home under full load of both cores of a 2-core
 #: machine stays well inside it (bench/prefect_startup.py), and a server that cannot answer in
 #: it is broken rather than slow.
-DEFAULT_WINDOW = 90
+DEFAULT_WINDOW = 120
 #: Starts tried in all before giving up.
 ATTEMPTS = 2
 
