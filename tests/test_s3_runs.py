@@ -60,3 +60,25 @@ def test_a_persistent_store_fault_fails_in_one_line_and_marks_nothing(tmp_path, 
     assert len(lines) == 1 and lines[0].startswith("loaq: error:") and "failed 5 times" in lines[0], lines
     assert "writing record" in lines[0]  # the record it was writing, named
     assert not [info.key for info in Store(url).list() if info.complete]
+
+
+def test_a_zoo_on_s3_shares_its_stages_and_its_run_lock_holds_there(tmp_path, checkpoint, shared_data, s3_server):
+    import json
+
+    from flowkit import computed_stages, write_zoo
+
+    url = s3_server.new_bucket() + "/store"
+    zoo = write_zoo(tmp_path / "zoo.yaml", {"llama": checkpoint}, tmp_path / "store", shared_data,
+                    [{"method": "gptq", "bits": 4}, {"method": "loaq", "bits": 3}])
+    zoo.write_text(zoo.read_text().replace(str(tmp_path / "store"), url))
+    with Store(url).lock("run"):  # another host's run, as far as the zoo can tell
+        locked = run_cli("zoo", str(zoo))
+    assert locked.returncode == 2 and "store lock 'run'" in locked.stderr and "Traceback" not in locked.stderr
+    proc = run_cli("zoo", str(zoo))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "runs" / "tinyzoo-zoo" / "report.json").read_text())
+    assert [m["status"] for m in report["members"]] == ["completed", "completed"]
+    computed = computed_stages(url, [m["run_id"] for m in report["members"]])
+    assert set(computed.values()) == {1}  # the second member reused what the first stored on S3
+    stages = [stage for stage, _ in computed]
+    assert (stages.count("calibration"), stages.count("clean-layer"), stages.count("quantize-layer")) == (1, 2, 4)
