@@ -87,6 +87,7 @@ class StoreLock:
         self._version: str | None = None  # the lease object's version we wrote last
         self._lease = lease_seconds()
         self._lost = False
+        self._renewed_at = 0.0  # monotonic time of the last write of the lease that succeeded
         self._renewer: threading.Thread | None = None
         self._stop_renewing = threading.Event()
 
@@ -116,7 +117,8 @@ class StoreLock:
 
     def check(self) -> None:
         """Raise ``StoreLocked`` if a lease was lost (not renewed in time, taken over)."""
-        if self._lost:
+        lapsed = self._renewer is not None and time.monotonic() - self._renewed_at > self._lease
+        if self._lost or lapsed:
             raise StoreLocked(f"store lock {self.name!r} at {self.info_path}: its lease of {self._lease:g} s "
                               f"ran out before it was renewed, and another process may hold it now")
 
@@ -197,6 +199,7 @@ class StoreLock:
                 raise StoreLocked(self._held_message())
             time.sleep(ADVISORY_POLL_SECONDS)
         self._lost = False
+        self._renewed_at = time.monotonic()
         self._stop_renewing.clear()
         self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
         self._renewer.start()
@@ -204,7 +207,9 @@ class StoreLock:
     def _renew(self) -> None:
         while not self._stop_renewing.wait(self._lease / 3):
             try:
+                started = time.monotonic()
                 self._version = self._ops.replace(self.info_path, self._info_bytes(), self._version)
+                self._renewed_at = started
             except Lost:
                 self._lost = True
                 return
