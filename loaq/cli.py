@@ -41,6 +41,10 @@ def _quiet_prefect() -> None:
         logging.getLogger(name).addFilter(_NoFailureTracebacks())
 
 
+#: Commands that run Prefect flows (status, gc and report read the store only).
+_RUNS_FLOWS = ("run", "sweep", "export", "zoo")
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="loaq", description="LoaQ quantization as a resumable, cached pipeline.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -95,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         from loaq import commands
         from loaq.prefect_startup import ensure_prefect_api
 
-        ensure_prefect_api()  # before any flow, so a server that cannot start is one line
+        if args.command in _RUNS_FLOWS:
+            ensure_prefect_api()  # before any flow, so a server that cannot start is one line
         return int(getattr(commands, args.command)(config, args) or 0)
     except KeyboardInterrupt:
         print("loaq: interrupted; finished records are kept, run again to resume", file=sys.stderr)
