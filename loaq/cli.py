@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 
@@ -33,13 +32,17 @@ class _NoFailureTracebacks(logging.Filter):
 
 def _quiet_prefect() -> None:
     # Prefect runs in its local ephemeral mode unless PREFECT_API_URL points at a server.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from loaq.prefect_startup import configure_environment
+
+    configure_environment()
     import prefect  # noqa: F401 - configures Prefect's loggers, which the filter then attaches to
 
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logging.getLogger(name).addFilter(_NoFailureTracebacks())
+
+
+#: Commands that run Prefect flows (status, gc and report read the store only).
+_RUNS_FLOWS = ("run", "sweep", "export", "zoo")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -94,7 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         # Checked here, before any flow starts, so a bad field is one line and nothing runs.
         config = (load_zoo if args.command == "zoo" else load_config)(args.config, args.overrides)
         from loaq import commands
+        from loaq.prefect_startup import ensure_prefect_api
 
+        if args.command in _RUNS_FLOWS:
+            ensure_prefect_api()  # before any flow, so a server that cannot start is one line
         return int(getattr(commands, args.command)(config, args) or 0)
     except KeyboardInterrupt:
         print("loaq: interrupted; finished records are kept, run again to resume", file=sys.stderr)

@@ -10,10 +10,12 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from loaq.data.checksums import DataFileError
     from loaq.models.adapters import UnsupportedArchitecture
     from loaq.models.checkpoint import CheckpointError
+    from loaq.prefect_startup import PrefectStartupError
     from loaq.quant import HessianDampingError
     from loaq.store.errors import StoreError
 
-    return (ConfigError, CheckpointError, UnsupportedArchitecture, StoreError, DataFileError, HessianDampingError)
+    return (ConfigError, CheckpointError, UnsupportedArchitecture, StoreError, DataFileError, HessianDampingError,
+            PrefectStartupError)
 
 
 def describe(exc: BaseException) -> str | None:

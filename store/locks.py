@@ -22,13 +22,22 @@ Consistency model
   the kernel releases it when the holder dies, so there are no stale locks. ``flock`` is
   reliable on local disks; on NFS/Lustre it depends on the mount (use a local store, or accept
   the lock as advisory there).
-* Other fsspec URLs (object stores): no atomic create-if-absent is used, so the lock is
-  *advisory*: the info file itself is the lock, checked then written (two processes starting
-  within one round trip may both get it). A holder that died leaves a stale info file; it is
-  taken over automatically when its pid is known dead on this same host, and otherwise must be
-  removed by hand (``<root>/locks/<name>.json``). Where runs on one object store are started
-  by a scheduler, let it serialise them (the deployments in prefect.yaml have a concurrency
-  limit of 1, enforced by the Prefect server) rather than rely on this lock.
+* S3 and ``memory://`` stores: the lock is an object, ``<root>/locks/<name>.json``, created with
+  a conditional PUT (``If-None-Match: *``; see ``conditional``), so of any number of processes
+  on any number of hosts exactly one gets it. It holds a lease (``LOAQ_LOCK_LEASE_SECONDS``,
+  default 60 s) that the holder renews every third of it with a compare-and-swap PUT
+  (``If-Match``); a holder that died stops blocking when its lease runs out (at once when it ran
+  on this host and its pid is gone), and the next one takes the lock over with the same
+  compare-and-swap, so two waiters never both take it over. A holder that could not renew in
+  time has lost the lock: ``check()`` then raises ``StoreLocked``, and a record writer holding a
+  lost record lock does not mark its record complete. This needs a server that honours
+  conditional writes (AWS S3, and S3-compatible servers that implement them); leases compare
+  the holder's clock with the reader's, so hosts' clocks must agree to well within a lease.
+* Other fsspec URLs: no create-if-absent is used, so the lock is *advisory*: the info file
+  itself is the lock, checked then written (two processes starting within one round trip may
+  both get it); a stale one is taken over when its pid is known dead on this same host.
+  Where runs on such a store are started by a scheduler, let it serialise them (the
+  deployments in prefect.yaml have a concurrency limit of 1, enforced by the Prefect server).
 """
 
 from __future__ import annotations
@@ -37,6 +46,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -44,11 +54,19 @@ from typing import Any
 
 import filelock
 
+from .conditional import Lost, conditional_ops
 from .errors import StoreLocked
 from .layout import LOCKS_DIR, check_name
 
 #: How often a waiting advisory (object-store) lock looks again.
 ADVISORY_POLL_SECONDS = 0.1
+#: Lease of a lock on object storage, in seconds, unless ``LOAQ_LOCK_LEASE_SECONDS`` says otherwise.
+DEFAULT_LEASE_SECONDS = 60.0
+LEASE_ENV = "LOAQ_LOCK_LEASE_SECONDS"
+
+
+def lease_seconds() -> float:
+    return float(os.environ.get(LEASE_ENV) or DEFAULT_LEASE_SECONDS)
 
 
 class StoreLock:
@@ -65,6 +83,13 @@ class StoreLock:
         self._directory = directory
         self._file_lock: filelock.BaseFileLock | None = None
         self._token: str | None = None  # identifies our info file (advisory locks)
+        self._ops = None if native else conditional_ops(fs)
+        self._version: str | None = None  # the lease object's version we wrote last
+        self._lease = lease_seconds()
+        self._lost = False
+        self._renewed_at = 0.0  # monotonic time of the last write of the lease that succeeded
+        self._renewer: threading.Thread | None = None
+        self._stop_renewing = threading.Event()
 
     @property
     def held(self) -> bool:
@@ -84,13 +109,26 @@ class StoreLock:
         self._fs.makedirs(self._directory, exist_ok=True)
         if self._native:
             self._acquire_native()
+        elif self._ops is not None:
+            self._acquire_lease()
         else:
             self._acquire_advisory()
         return self
 
+    def check(self) -> None:
+        """Raise ``StoreLocked`` if a lease was lost (not renewed in time, taken over)."""
+        lapsed = self._renewer is not None and time.monotonic() - self._renewed_at > self._lease
+        if self._lost or lapsed:
+            raise StoreLocked(f"store lock {self.name!r} at {self.info_path}: its lease of {self._lease:g} s "
+                              f"ran out before it was renewed, and another process may hold it now")
+
     def release(self) -> None:
         if not self.held:
             return
+        if self._renewer is not None:
+            self._stop_renewing.set()
+            self._renewer.join(timeout=10)
+            self._renewer = None
         try:
             if self.holder_token() == self._token:
                 self._fs.rm_file(self.info_path)
@@ -142,6 +180,60 @@ class StoreLock:
                 raise StoreLocked(self._held_message())
             time.sleep(ADVISORY_POLL_SECONDS)
 
+    def _acquire_lease(self) -> None:
+        deadline = None if self.timeout is None else time.monotonic() + max(0.0, self.timeout)
+        while True:
+            current = self._ops.read(self.info_path)
+            try:
+                if current is None:
+                    self._version = self._ops.create(self.info_path, self._new_info())
+                    break
+                data, version = current
+                if _lease_expired(_parse(data)):
+                    self._version = self._ops.replace(self.info_path, self._new_info(), version)
+                    break
+            except Lost:
+                pass  # someone else wrote first
+            self._token = None
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StoreLocked(self._held_message())
+            time.sleep(ADVISORY_POLL_SECONDS)
+        self._lost = False
+        self._renewed_at = time.monotonic()
+        self._stop_renewing.clear()
+        self._renewer = threading.Thread(target=self._renew, name=f"lease-{self.name}", daemon=True)
+        self._renewer.start()
+
+    def _renew(self) -> None:
+        while not self._stop_renewing.wait(self._lease / 3):
+            try:
+                started = time.monotonic()
+                self._version = self._ops.replace(self.info_path, self._info_bytes(), self._version)
+                self._renewed_at = started
+            except Lost:
+                self._lost = True
+                return
+            except Exception:  # a transient store error: the next tick tries again within the lease
+                continue
+
+    def _new_info(self) -> bytes:
+        self._token = uuid.uuid4().hex
+        self._since = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        return self._info_bytes()
+
+    def _info_bytes(self) -> bytes:
+        info = {
+            "name": self.name,
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": self._since,
+            "argv": sys.argv,
+            "token": self._token,
+            "lease_s": self._lease,
+            "expires": time.time() + self._lease,
+        }
+        return json.dumps(info).encode()
+
     def _write_info(self) -> None:
         self._token = uuid.uuid4().hex
         info = {
@@ -165,8 +257,26 @@ class StoreLock:
                 f"pid {holder.get('pid')} on host {holder.get('host')} "
                 f"since {holder.get('since')}" + (f" ({command})" if command else "")
             )
-        where = self.lock_path if self._native else f"{self.info_path} (advisory)"
+        where = (self.lock_path if self._native else self.info_path if self._ops is not None
+                 else f"{self.info_path} (advisory)")
+        if self._ops is not None and holder is not None and isinstance(holder.get("expires"), (int, float)):
+            who += f", lease ending in {max(0.0, holder['expires'] - time.time()):.0f} s"
         return f"store lock {self.name!r} at {where} is held by {who}; {waited}"
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        info = json.loads(data)
+    except ValueError:
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def _lease_expired(holder: dict[str, Any] | None) -> bool:
+    """An unreadable lock, a lease past its end, or a holder known dead on this host."""
+    if holder is None or not isinstance(holder.get("expires"), (int, float)):
+        return True
+    return time.time() > holder["expires"] or _is_dead_local_process(holder)
 
 
 def _is_dead_local_process(holder: dict[str, Any]) -> bool:

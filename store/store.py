@@ -8,7 +8,8 @@ checks, ``locks`` for the consistency model and ``events`` for the execution log
 URLs: a plain path or ``file://`` URL is a local directory (Zarr ``LocalStore``, real
 ``flock`` locks). Any other fsspec URL (``memory://``, ``s3://``, ``gs://`` ...) goes through
 Zarr's ``FsspecStore``; there the completion mark is a single PUT of the record's ``zarr.json``
-and locks are advisory (see ``locks``). ``memory://`` is tested; object stores are not.
+and locks are leased conditional PUTs on S3 and ``memory://``, advisory elsewhere (see
+``locks``). Local directories, ``memory://`` and S3 (a server on loopback) are tested.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from zarr.codecs import ZstdCodec
 from zarr.storage import FsspecStore, LocalStore
 
 from . import events as events_module
+from .conditional import conditional_ops
 from .errors import CorruptRecord, IncompleteRecord
 from .layout import (
     ATTR_COMPLETE,
@@ -41,6 +43,7 @@ from .layout import (
 )
 from .locks import StoreLock
 from .records import Record, RecordInfo
+from .resilient import RetryingStore
 from .writer import RecordWriter
 
 
@@ -78,6 +81,7 @@ class Store:
             self._zarr_store = LocalStore(self.root)
         else:
             self._zarr_store = FsspecStore.from_url(url)
+        self._zarr_store = RetryingStore(self._zarr_store)  # transient errors retried (``resilient``)
         self._events = events_module.EventLog(self.fs, self.root)
 
     def __repr__(self) -> str:
@@ -112,7 +116,7 @@ class Store:
         """
         return RecordWriter(check_key(key), kind, attrs, overwrite, zarr_store=self._zarr_store,
                             store_id=self._identity(), compressors_for=self.compressors_for,
-                            is_complete=self.is_complete, wipe=self._wipe)
+                            is_complete=self.is_complete, wipe=self._wipe, record_lock=self._record_lock(key))
 
     # -- reading ----------------------------------------------------------------------------
 
@@ -272,6 +276,13 @@ class Store:
             self.fs.rm_file(metadata_path)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
+
+    def _record_lock(self, key: str) -> StoreLock | None:
+        """A leased lock per record where the store has conditional writes (see ``locks``), so one
+        writer per record holds across processes and hosts; None elsewhere (the run lock guards)."""
+        if self.is_local or conditional_ops(self.fs) is None:
+            return None
+        return self.lock(f"record-{key}", timeout=0.0)
 
     def _identity(self) -> str:
         """Names the store whatever URL spelling reached it ("/x" and "file:///x" alike)."""

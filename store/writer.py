@@ -305,6 +305,7 @@ class RecordWriter:
                 )
         arrays = {name: entry.manifest() for name, entry in sorted(self._arrays.items())}
         manifest = {"nbytes": sum(a["nbytes"] for a in arrays.values()), "arrays": arrays}
+        self._store._check_claim(self.key)  # a writer whose record lock lapsed marks nothing
         with self._storage_errors():
             # The completion mark: the last write of the record, in one document.
             group.update_attributes({ATTR_COMPLETE: True, ATTR_MANIFEST: manifest})

@@ -76,3 +76,30 @@ def correlated_inputs(tokens: int, n_in: int, dtype=torch.float64) -> torch.Tens
     M = torch.randn(n_in, n_in, dtype=dtype) / math.sqrt(n_in)
     M += torch.diag(torch.rand(n_in, dtype=dtype) * 2)
     return Z @ M
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1 (a free port) for the whole session; stopped at its end."""
+    pytest.importorskip("moto.server")
+    pytest.importorskip("s3fs")
+    from s3kit import start_server
+
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "memory", "s3"])
+def store_url(request, tmp_path) -> str:
+    """A fresh store's URL on each backend: a local directory, ``memory://``, and S3 on loopback."""
+    import uuid
+
+    if request.param == "local":
+        return str(tmp_path / "store")
+    if request.param == "memory":
+        return f"memory://loaq-test-{uuid.uuid4().hex}/store"
+    return request.getfixturevalue("s3_server").new_bucket() + "/store"
+

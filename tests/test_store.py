@@ -6,11 +6,13 @@ import dataclasses
 import errno
 import hashlib
 import json
+import os
 import pickle
 import re
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -21,6 +23,7 @@ import pytest
 import torch
 import zarr.storage
 
+from loaq.store.locks import LEASE_ENV
 from loaq.store import (
     CorruptRecord,
     IncompleteRecord,
@@ -115,8 +118,8 @@ def _bits(t: torch.Tensor) -> bytes:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.int64])
-def test_round_trip_in_micro_batches(tmp_path, dtype):
-    store = Store(tmp_path / "store")
+def test_round_trip_in_micro_batches(store_url, dtype):
+    store = Store(store_url)
     key = stage_key("clean_layer", 1, prev="p" * 32, layer=3, dtype=str(dtype))
     hidden = _sample(dtype, (50, 3, 8))
     with store.writer(key, kind="clean_state", attrs={"layer": 3}) as w:
@@ -212,8 +215,13 @@ def _group_metadata(store_root: Path, key: str) -> Path:
     return store_root / "records" / key[:2] / key / "zarr.json"
 
 
-def test_crash_inside_writer_leaves_an_incomplete_record_that_is_rewritten(tmp_path):
-    store = Store(tmp_path)
+def _record_file(store: Store, key: str, *parts: str) -> str:
+    """A file of record ``key`` as a path of the store's own filesystem (any backend)."""
+    return store._path("records", key[:2], key, *parts)
+
+
+def test_crash_inside_writer_leaves_an_incomplete_record_that_is_rewritten(store_url):
+    store = Store(store_url)
     key = stage_key("clean_layer", 1, layer=0)
     with pytest.raises(RuntimeError, match="killed"):
         with store.writer(key, kind="clean_state") as w:
@@ -229,26 +237,26 @@ def test_crash_inside_writer_leaves_an_incomplete_record_that_is_rewritten(tmp_p
         store.writer(key, kind="clean_state").__enter__()
 
 
-def test_record_without_its_mark_is_never_read_and_rewritten_clean(tmp_path):
-    store = Store(tmp_path)
+def test_record_without_its_mark_is_never_read_and_rewritten_clean(store_url):
+    store = Store(store_url)
     key = stage_key("clean_layer", 1, layer=1)
     _write_states(store, key, seed=2)
     with store.writer(key, kind="clean_state", overwrite=True) as w:
         w.put("extra", torch.arange(3))
     # Simulate a crash just before the mark: the data is there, the mark is not.
-    metadata = _group_metadata(tmp_path, key)
-    document = json.loads(metadata.read_text())
+    metadata = _record_file(store, key, "zarr.json")
+    document = json.loads(store.fs.cat_file(metadata))
     del document["attributes"]["loaq_complete"]
-    metadata.write_text(json.dumps(document))
+    store.fs.pipe_file(metadata, json.dumps(document).encode())
     assert not store.is_complete(key)
     with pytest.raises(IncompleteRecord, match="no completion mark"):
         store.open(key)
     assert [(i.key, i.complete) for i in store.list()] == [(key, False)]
     hidden = _write_states(store, key, seed=3)  # starts from a clean group
     record = store.open(key)
-    assert record.names == ["hidden"] and not (metadata.parent / "extra").exists()
+    assert record.names == ["hidden"] and not store.fs.exists(_record_file(store, key, "extra", "zarr.json"))
     assert _bits(record.read("hidden")) == _bits(hidden)
-    metadata.write_bytes(b'{"attributes": {"loaq_comp')  # unreadable metadata: incomplete
+    store.fs.pipe_file(metadata, b'{"attributes": {"loaq_comp')  # unreadable metadata: incomplete
     assert not store.is_complete(key)
 
 
@@ -262,12 +270,12 @@ def _flip_one_bit(data: bytes) -> bytes:  # same length: only the checksum can t
 
 
 @pytest.mark.parametrize("damage", [_truncate, _flip_one_bit])
-def test_damaged_chunk_is_detected(tmp_path, damage):
-    store = Store(tmp_path)
+def test_damaged_chunk_is_detected(store_url, damage):
+    store = Store(store_url)
     key = stage_key("quant_layer", 1, layer=0)
     _write_states(store, key, seed=4)
-    chunk = _group_metadata(tmp_path, key).parent / "hidden" / "c" / "2" / "0"
-    chunk.write_bytes(damage(chunk.read_bytes()))
+    chunk = _record_file(store, key, "hidden", "c", "2", "0")
+    store.fs.pipe_file(chunk, damage(store.fs.cat_file(chunk)))
     record = store.open(key)
     assert record.read("hidden", 0, 32).shape == (32, 16)  # other chunks still read
     with pytest.raises(CorruptRecord, match=f"record {key}, array 'hidden'"):
@@ -276,11 +284,11 @@ def test_damaged_chunk_is_detected(tmp_path, damage):
     assert not store.is_complete(key)  # the mark is gone: the record gets recomputed
 
 
-def test_missing_chunk_is_detected_not_read_as_zeros(tmp_path):
-    store = Store(tmp_path)
+def test_missing_chunk_is_detected_not_read_as_zeros(store_url):
+    store = Store(store_url)
     key = stage_key("quant_layer", 1, layer=1)
     _write_states(store, key, seed=5)
-    (_group_metadata(tmp_path, key).parent / "hidden" / "c" / "3" / "0").unlink()
+    store.fs.rm_file(_record_file(store, key, "hidden", "c", "3", "0"))
     with pytest.raises(CorruptRecord, match="missing"):
         store.open(key).read("hidden", 50, 60)
     assert store.verify(key) is False
@@ -326,12 +334,12 @@ def test_disk_full_midway_keeps_the_store_intact(tmp_path, monkeypatch):
     assert _bits(store.open(failing_key).read("hidden")) == _bits(recomputed)
 
 
-def test_second_writer_of_a_key_in_one_process_is_refused(tmp_path):
-    store = Store(tmp_path)
+def test_second_writer_of_a_key_in_one_process_is_refused(store_url):
+    store = Store(store_url)
     key = stage_key("s", 1)
     with store.writer(key, kind="stats") as w:
         with pytest.raises(RecordBusy):
-            with Store(tmp_path).writer(key, kind="stats"):
+            with Store(store_url).writer(key, kind="stats"):
                 pass
         w.put("h", torch.zeros(2))
     assert store.is_complete(key)
@@ -376,20 +384,102 @@ def test_run_lock_excludes_a_second_process_until_released(tmp_path):
     assert lock.holder() is None  # the info file is removed on release
 
 
-def test_advisory_lock_on_memory_url():
-    store = Store(f"memory://loaq-test-{uuid.uuid4().hex}")
-    with store.lock("run"):
-        with pytest.raises(StoreLocked, match="advisory"):
+def test_lock_excludes_a_second_holder_until_released(store_url):
+    store = Store(store_url)
+    with store.lock("run") as held:
+        with pytest.raises(StoreLocked, match="is held by pid"):
             store.lock("run", timeout=0.2).acquire()
+        with store.lock("other-lock"):  # other names are independent
+            pass
+        assert held.holder()["pid"] == os.getpid()
+    assert held.holder() is None
     with store.lock("run"):
         pass
+
+
+def test_a_lease_renewed_by_its_holder_outlives_it_and_a_lapsed_one_is_taken_over(monkeypatch):
+    monkeypatch.setenv(LEASE_ENV, "0.6")
+    store = Store(f"memory://loaq-test-{uuid.uuid4().hex}")
+    holder = store.lock("run").acquire()
+    time.sleep(1.5)  # two and a half leases: renewed meanwhile, so still held
+    with pytest.raises(StoreLocked, match="lease ending"):
+        store.lock("run", timeout=0.0).acquire()
+    holder._stop_renewing.set()  # the holder stops renewing, as a stalled or dead one does
+    holder._renewer.join()
+    holder._renewer = None
+    with store.lock("run", timeout=5.0) as taker:
+        holder._stop_renewing.clear()
+        renewal = threading.Thread(target=holder._renew)  # it comes back: its next renewal finds the lock taken
+        renewal.start()
+        renewal.join(timeout=5)
+        with pytest.raises(StoreLocked, match="ran out"):
+            holder.check()
+        taker.check()
+
+
+def _lock_process(url: str, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, str(Path(__file__).with_name("lockproc.py")), url, *extra],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+
+def _say(proc: subprocess.Popen, line: str) -> str:
+    proc.stdin.write(line + "\n")
+    proc.stdin.flush()
+    return proc.stdout.readline().strip()
+
+
+def test_two_processes_racing_for_the_run_lock_on_s3_exactly_one_wins(s3_server):
+    url = s3_server.new_bucket() + "/store"
+    procs = [_lock_process(url), _lock_process(url)]
+    try:
+        for race in range(50):
+            for proc in procs:  # both start their attempt before either answers
+                proc.stdin.write("try\n")
+                proc.stdin.flush()
+            answers = sorted(proc.stdout.readline().strip() for proc in procs)
+            assert answers == ["lost", "won"], (race, answers)
+            assert [_say(proc, "release") for proc in procs] == ["ok", "ok"]
+    finally:
+        for proc in procs:
+            proc.stdin.close()
+            proc.wait(timeout=30)
+
+
+def test_a_holder_killed_on_another_host_stops_blocking_after_its_lease(s3_server):
+    url = s3_server.new_bucket() + "/store"
+    lease = 4.0
+    holder = subprocess.Popen([sys.executable, str(Path(__file__).with_name("lockproc.py")), url, "--host", "elsewhere"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, LEASE_ENV: str(lease)})
+    key = stage_key("s", 1)
+    try:
+        assert _say(holder, "try") == "won"
+        assert _say(holder, "write " + key) == "writing"
+        acquired_at = time.monotonic()
+        holder.kill()  # SIGKILL: no release, no cleanup
+        holder.wait(timeout=30)
+        store = Store(url)
+        with pytest.raises(StoreLocked, match="pid .* on host elsewhere"):
+            store.lock("run", timeout=0.0).acquire()
+        with pytest.raises(RecordBusy, match="another process"):  # one writer per record
+            store.writer(key, kind="stats").__enter__()
+        with store.lock("run", timeout=3 * lease):
+            waited = time.monotonic() - acquired_at
+        assert lease - 1.0 < waited < lease + 3.0, waited
+        with store.writer(key, kind="stats") as w:  # the record's lock lapsed with it
+            w.put("h", torch.zeros(2))
+        assert store.is_complete(key)
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
 
 
 # -- events -------------------------------------------------------------------------------------
 
 
-def test_events_per_run(tmp_path):
-    store = Store(tmp_path)
+def test_events_per_run(store_url):
+    store = Store(store_url)
     keys = [stage_key("clean_layer", 1, layer=i) for i in range(3)]
     for key in keys:
         store.log_event("run-1", "clean_layer", key, "computed", seconds=0.5, nbytes=1024)
@@ -411,8 +501,8 @@ def test_events_per_run(tmp_path):
 # -- retention ----------------------------------------------------------------------------------
 
 
-def test_gc_default_policy_drops_only_old_quant_states(tmp_path):
-    store = Store(tmp_path)
+def test_gc_default_policy_drops_only_old_quant_states(store_url):
+    store = Store(store_url)
     quant = {}
     for chain, layers in (("A", range(4)), ("B", range(2))):
         for layer in layers:
