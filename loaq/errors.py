@@ -8,12 +8,14 @@ import errno
 def user_error_types() -> tuple[type[BaseException], ...]:
     from loaq.configs.load import ConfigError
     from loaq.data.checksums import DataFileError
+    from loaq.data.sources import CalibrationDataError
     from loaq.models.adapters import UnsupportedArchitecture
     from loaq.models.checkpoint import CheckpointError
     from loaq.quant import HessianDampingError
     from loaq.store.errors import StoreError
 
-    return (ConfigError, CheckpointError, UnsupportedArchitecture, StoreError, DataFileError, HessianDampingError)
+    return (ConfigError, CheckpointError, UnsupportedArchitecture, StoreError, DataFileError, HessianDampingError,
+            CalibrationDataError)
 
 
 def describe(exc: BaseException) -> str | None:

@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 
 from loaq.configs.schema import CalibrationConfig
 from loaq.data.calibration import CalibrationSpec, sample_calibration
+from loaq.data.sources import CalibrationSource, content_digest
 from loaq.engine.forward import clean_layer_forward, embed
 from loaq.models.layers import ContextFactory
 from loaq.store.keys import stage_key
@@ -36,12 +37,17 @@ def data_identity(data_dir: str | None) -> str:
     return "hub" if data_dir is None else "local-sha256-verified"
 
 
+def calibration_spec(cfg: CalibrationConfig) -> CalibrationSpec:
+    source = CalibrationSource(dataset=cfg.dataset, **(cfg.source.model_dump() if cfg.source else {}))
+    return CalibrationSpec(source=source, n_samples=cfg.n_samples, seqlen=cfg.seqlen, seed=cfg.seed)
+
+
 @task(name="calibration", cache_policy=NONE)
 def calibration_stage(ctx: StageContext, model: ModelRef, cfg: CalibrationConfig, data_dir: str | None) -> str:
     key = calibration_key(model, cfg, data_dir)
 
     def compute():
-        tokens = sample_calibration(model.open().tokenizer(), CalibrationSpec(**cfg.model_dump()), data_dir)
+        tokens = sample_calibration(model.open().tokenizer(), calibration_spec(cfg), data_dir)
         with ctx.store.writer(key, kind="calibration", attrs={"spec": cfg.model_dump()}) as w:
             w.put("tokens", tokens.to(torch.int64))
 
@@ -49,7 +55,16 @@ def calibration_stage(ctx: StageContext, model: ModelRef, cfg: CalibrationConfig
 
 
 def calibration_key(model: ModelRef, cfg: CalibrationConfig, data_dir: str | None) -> str:
-    return stage_key("calibration", STREAM_VERSION, model=model.key, spec=cfg, data=data_identity(data_dir))
+    # The sampling spec without where the data lies: a local source enters through its content's
+    # digest, so moving it keeps the key and editing it changes it. c4 keeps the fields it always had.
+    spec = cfg.model_dump(exclude={"source"})
+    if cfg.source is not None:
+        spec["source"] = cfg.source.model_dump(exclude={"path"})
+    if cfg.dataset == "local":
+        data = "sha256:" + content_digest(calibration_spec(cfg).source)
+    else:
+        data = data_identity(data_dir)
+    return stage_key("calibration", STREAM_VERSION, model=model.key, spec=spec, data=data)
 
 
 def embed_key(ctx: StageContext, model: ModelRef, calibration_key: str) -> str:
