@@ -210,7 +210,7 @@ class StoreConfig(Strict):
     keep_stats: bool = False
 
 
-ExportFormat = Literal["fake_quant", "compressed_tensors"]
+ExportFormat = Literal["fake_quant", "compressed_tensors", "gguf"]
 
 
 class ExportConfig(Strict):
@@ -218,6 +218,7 @@ class ExportConfig(Strict):
 
     ``fake_quant``: dequantized weights, a plain Hugging Face checkpoint. ``compressed_tensors``:
     packed integer codes, scales and zero points (``pack-quantized``), loaded by transformers and vLLM.
+    ``gguf``: one llama.cpp file (W4 asymmetric -> Q4_1, W4 symmetric -> Q4_0, W8 symmetric -> Q8_0).
     """
 
     formats: tuple[ExportFormat, ...] = ()
