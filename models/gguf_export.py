@@ -123,6 +123,16 @@ def gguf_arch(config) -> str:
     return arch
 
 
+def name_map(arch: str, n_layers: int):
+    """HF tensor name -> llama.cpp tensor name (the ``gguf`` package's table), None where it has none."""
+    from gguf.constants import MODEL_ARCH_NAMES
+    from gguf.tensor_mapping import get_tensor_name_map
+
+    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
+    names = get_tensor_name_map(arch_id, n_layers)
+    return lambda hf: names.get_name(hf, try_suffixes=(".weight", ".bias"))
+
+
 def hparams(config, arch: str) -> dict:
     """``{arch}.*`` keys (key -> (value, gguf value type name)) as llama.cpp reads them."""
     heads = int(config.num_attention_heads)

@@ -16,7 +16,8 @@ import torch
 from loaq.configs.load import ConfigError
 from loaq.models.export import EXPORT_MARK
 from loaq.models.gguf_export import (GGUFFile, UnmappableScheme, block_type, float_array, gguf_arch,
-                                     gguf_tokenizer_fields, hf_tokenizer_fields, hparams, pack_blocks, permute_rows)
+                                     gguf_tokenizer_fields, hf_tokenizer_fields, hparams, name_map, pack_blocks,
+                                     permute_rows)
 
 GGUF_FILE = "model.gguf"
 
@@ -44,9 +45,6 @@ def write_gguf(checkpoint, records, path: Path, torch_dtype: torch.dtype, key: s
                read_weights, source_gguf: str | None) -> dict:
     """Write ``path/model.gguf`` from the source ``checkpoint`` and the quantized layer ``records``;
     returns the sizes (bytes of the quantized linears, their fp16 bytes, the file)."""
-    from gguf.tensor_mapping import get_tensor_name_map
-    from gguf.constants import MODEL_ARCH_NAMES
-
     config, adapter = checkpoint.config, checkpoint.adapter
     try:
         arch = gguf_arch(config)
@@ -54,11 +52,10 @@ def write_gguf(checkpoint, records, path: Path, torch_dtype: torch.dtype, key: s
         t = block_type(bits, symmetric, group_size)
     except UnmappableScheme as e:
         raise ConfigError(f"export.formats: gguf cannot hold this model: {e}") from None
-    arch_id = next(k for k, v in MODEL_ARCH_NAMES.items() if v == arch)
-    names = get_tensor_name_map(arch_id, len(records))
+    names = name_map(arch, len(records))
 
     def gguf_name(hf: str) -> str:
-        mapped = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        mapped = names(hf)
         if mapped is None:
             raise ConfigError(f"export.formats: gguf has no name for tensor {hf}")
         return mapped
