@@ -30,7 +30,7 @@ class Result:
         run_id: this run's id in the store's event log.
         store: the store's URL; ``weights`` are the record keys of the quantized layers in it.
         perplexity: ``{dataset: {"fp": ppl, "quantized": ppl}}``.
-        protocol: ``{dataset: how it was measured}``, e.g. ``"wikitext2 (40 x 512 tokens)"``.
+        protocol: ``{dataset: {"label": ..., "windows": n, "seqlen": tokens}}``, how each was measured.
         zero_shot: ``{"fp" | "quantized": {task: accuracy}}`` when tasks are configured.
         report: the folder holding ``report.md`` and ``report.json``.
         exports: ``{format: folder}`` of the exports written (``export.formats``).
@@ -44,7 +44,7 @@ class Result:
     report: Path
     exports: dict[str, Path] = field(default_factory=dict)
     zero_shot: dict[str, dict[str, float]] = field(default_factory=dict)
-    protocol: dict[str, str] = field(default_factory=dict)
+    protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def _prefect_defaults() -> None:
@@ -102,7 +102,7 @@ def _result(config: RunConfig, out: dict) -> Result:
     protocol = {}
     for d, keys in out["evals"].items():
         attrs = store.open(keys["fp"]).attrs
-        protocol[d] = f"{attrs['label']} ({attrs['windows']} x {attrs['seqlen']} tokens)"
+        protocol[d] = {"label": attrs["label"], "windows": int(attrs["windows"]), "seqlen": int(attrs["seqlen"])}
     zero_shot = {}
     for which, key in out.get("zero_shot", {}).items():
         res = store.open(key).attrs["zero_shot"]
