@@ -78,7 +78,6 @@ def write_gguf(checkpoint, records, path: Path, torch_dtype: torch.dtype, key: s
     folder_tmp.mkdir(parents=True)
     out = GGUFFile(folder_tmp / GGUF_FILE, arch)
     try:
-        out.kv("general.architecture", arch, "STRING")
         out.kv("general.name", str(mark.get("name", "loaq")), "STRING")
         out.kv("general.file_type", t.file_type, "UINT32")
         out.kv("general.quantization_version", 2, "UINT32")
