@@ -101,7 +101,7 @@ def main() -> None:
         sizes["source gguf"] = Path(source).stat().st_size
     q = config.quantize
     row = {"model": config.model.source, "method": q.method, "bits": q.bits, "group_size": q.group_size,
-           "symmetric": q.symmetric, "dataset": run.protocol[dataset], "pipeline_ppl": pipeline,
+           "symmetric": q.symmetric, "dataset": "{label} ({windows} x {seqlen} tokens)".format(**run.protocol[dataset]), "pipeline_ppl": pipeline,
            "gguf_ppl": scored["ppl"]["gguf"], "fake_quant_ppl": scored["ppl"]["fake_quant"],
            "gguf_rel_diff_pipeline": scored["ppl"]["gguf"] / pipeline - 1,
            "fake_quant_rel_diff_pipeline": scored["ppl"]["fake_quant"] / pipeline - 1,
