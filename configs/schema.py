@@ -151,11 +151,48 @@ class ModelConfig(Strict):
                                      "for every method: {kind: hadamard, seed: 0}; default none")
 
 
+class CalibrationSourceConfig(Strict):
+    """Where a ``local`` or ``hub`` calibration set is read, and which column holds its text."""
+
+    path: str | None = Field(None, description="local: a jsonl/json/parquet/csv/txt file or a folder of them "
+                             "(identified by its content's sha256, not its path)")
+    id: str | None = Field(None, description="hub: a dataset id, e.g. HuggingFaceH4/ultrachat_200k")
+    subset: str | None = Field(None, description="hub: the dataset's configuration name")
+    split: str = Field("train", description="hub, or a local folder: the split to read")
+    revision: str | None = Field(None, description="hub: a commit or tag, so the calibration set cannot change")
+    field: str = Field("text", description="the column holding plain text")
+    messages: str | None = Field(None, description="instead of field: a column of chat messages "
+                                 "([{role, content}, ...]) rendered with the model's chat template")
+
+
 class CalibrationConfig(Strict):
-    dataset: Literal["c4"] = "c4"
+    """The calibration set: ``n_samples`` windows of ``seqlen`` tokens drawn from ``dataset``.
+
+    ``c4`` (the C4 train pool), ``wikitext2`` (its train split, as GPTQ samples it), ``local`` (a
+    user's files, ``source.path``) or ``hub`` (a hub dataset, ``source.id``).
+    """
+
+    dataset: Literal["c4", "wikitext2", "local", "hub"] = "c4"
+    source: CalibrationSourceConfig | None = Field(None, validate_default=True,
+                                                    description="local/hub: {path | id, split, field | messages}")
     n_samples: int = Field(32, ge=1)
     seqlen: int = Field(512, ge=8)
     seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: CalibrationSourceConfig | None, info) -> CalibrationSourceConfig | None:
+        dataset = info.data.get("dataset")
+        if dataset in ("c4", "wikitext2") and v is not None:
+            raise ValueError(f"calibration.dataset={dataset} reads its own files; set calibration.dataset to local "
+                             f"or hub to use a source block")
+        if dataset == "local" and (v is None or not v.path):
+            raise ValueError("calibration.dataset=local needs calibration.source.path (a file or folder)")
+        if dataset == "hub" and (v is None or not v.id):
+            raise ValueError("calibration.dataset=hub needs calibration.source.id (a hub dataset id)")
+        if v is not None and dataset == "local" and v.id:
+            raise ValueError("calibration.source.id is for calibration.dataset=hub; a local source has only a path")
+        return v
 
 
 class EvaluationConfig(Strict):
@@ -180,7 +217,7 @@ class StoreConfig(Strict):
     keep_stats: bool = False
 
 
-ExportFormat = Literal["fake_quant", "compressed_tensors"]
+ExportFormat = Literal["fake_quant", "compressed_tensors", "gguf"]
 
 
 class ExportConfig(Strict):
@@ -188,6 +225,7 @@ class ExportConfig(Strict):
 
     ``fake_quant``: dequantized weights, a plain Hugging Face checkpoint. ``compressed_tensors``:
     packed integer codes, scales and zero points (``pack-quantized``), loaded by transformers and vLLM.
+    ``gguf``: one llama.cpp file (W4 asymmetric -> Q4_1, W4 symmetric -> Q4_0, W8 symmetric -> Q8_0).
     """
 
     formats: tuple[ExportFormat, ...] = ()

@@ -2,12 +2,14 @@
 
     text         the raw strings (WikiText-2 test, C4 validation / train) exactly as GPTQ builds them
     windows      perplexity windows: the tokenized text cut into (n, seqlen) rows
-    calibration  the calibration set: (n_samples, seqlen) random windows of C4 train
+    calibration  the calibration set: (n_samples, seqlen) random windows of a pool of documents
+    sources      the pools: C4 train, WikiText-2 train, a user's files or a hub dataset (chat rendered)
     checksums    every local file is checked against its folder's SHA256SUMS before use
 """
 
 from loaq.data.calibration import CalibrationSpec, sample_calibration
 from loaq.data.checksums import DataFileError, DataFileMissing, verified_file
+from loaq.data.sources import CalibrationDataError, CalibrationSource
 from loaq.data.text import (
     c4_train_docs,
     c4_validation_doc_count,
@@ -18,6 +20,8 @@ from loaq.data.text import (
 from loaq.data.windows import eval_windows
 
 __all__ = [
+    "CalibrationDataError",
+    "CalibrationSource",
     "CalibrationSpec",
     "DataFileError",
     "DataFileMissing",

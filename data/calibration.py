@@ -1,13 +1,19 @@
-"""Calibration samples: ``n_samples`` random ``seqlen``-token windows of C4 train text.
+"""Calibration samples: ``n_samples`` random ``seqlen``-token windows of a pool of documents.
 
 The sampling rule below is part of a calibration set's identity (together with the pool, the
 tokenizer and the spec): change it and every downstream quantized weight changes.
 
 Rule (``rng = random.Random(spec.seed)``, a private generator; global RNG state is never touched):
 
-1. **Pool** = :func:`loaq.data.text.c4_train_docs` (hub: the 356,317 docs of train shard 00000;
-   local: its first 1,041 docs). A doc is *long* if its GPTQ tokenization
-   ``tokenizer(doc).input_ids`` (default special tokens) has more than ``seqlen`` tokens.
+0. **WikiText-2** (``dataset="wikitext2"``) is GPTQ's ``get_wikitext2`` verbatim: the train text
+   (:func:`loaq.data.text.wikitext2_train_text`) tokenized once with default special tokens; each
+   sample is ``ids[i : i + seqlen]`` with ``i = rng.randint(0, len(ids) - seqlen - 1)``. The other
+   sources follow rules 1-4 on their pool.
+1. **Pool** = :func:`loaq.data.text.c4_train_docs` for ``c4`` (hub: the 356,317 docs of train shard
+   00000; local: its first 1,041 docs), or a user's documents (:mod:`loaq.data.sources`). A doc is
+   *long* if its GPTQ tokenization ``tokenizer(doc).input_ids`` (default special tokens) has more
+   than ``seqlen`` tokens. Rendered chat documents carry their template's special tokens as text, so
+   they are tokenized with ``add_special_tokens=False`` throughout (no second BOS).
 2. **Choice of mode.** Pools of more than ``FULL_SCAN_MAX_DOCS`` (10,000) docs always use mode A:
    counting their long docs would mean tokenizing the whole shard, and the C4 shard has far
    more than any ``n_samples`` long docs. Smaller pools are tokenized once in full; mode A is used
@@ -27,6 +33,9 @@ Rule (``rng = random.Random(spec.seed)``, a private generator; global RNG state 
 
 Mode A tokenizes lazily (only the docs it draws) on large pools; small pools cost one batched
 tokenization of ~2.3 MB of text (about half a second).
+
+A pool that holds fewer than ``n_samples * seqlen`` tokens is refused (one line): its windows would
+mostly repeat the same text.
 """
 
 from __future__ import annotations
@@ -39,12 +48,12 @@ from typing import Literal
 
 import torch
 
-from loaq.data.text import c4_train_docs
+from loaq.data.sources import CalibrationDataError, CalibrationSource, Pool, user_documents
+from loaq.data.text import c4_train_docs, wikitext2_train_text
 
 log = logging.getLogger(__name__)
 
-CalibrationDataset = Literal["c4"]
-SamplingMode = Literal["long-docs", "pool-stream"]
+SamplingMode = Literal["long-docs", "pool-stream", "gptq-wikitext2"]
 
 # Above this many docs a pool is sampled GPTQ-style without counting its long docs (rule 2).
 FULL_SCAN_MAX_DOCS = 10_000
@@ -55,17 +64,14 @@ _STREAM_SEPARATOR = "\n\n"
 
 @dataclass(frozen=True)
 class CalibrationSpec:
-    """What calibration set to draw: ``n_samples`` windows of ``seqlen`` tokens from ``dataset``."""
+    """What calibration set to draw: ``n_samples`` windows of ``seqlen`` tokens from ``source``."""
 
-    dataset: CalibrationDataset = "c4"
+    source: CalibrationSource = CalibrationSource()
     n_samples: int = 128
     seqlen: int = 2048
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.dataset != "c4":
-            # WikiText-2 calibration needs wiki.train.raw, which has no verified local copy.
-            raise ValueError(f"unsupported calibration dataset {self.dataset!r}; only 'c4' is implemented")
         if self.n_samples <= 0 or self.seqlen <= 0:
             raise ValueError(f"n_samples and seqlen must be positive, got {self.n_samples}, {self.seqlen}")
 
@@ -73,19 +79,20 @@ class CalibrationSpec:
 class _LazyDocTokens:
     """GPTQ tokenization (``tokenizer(doc).input_ids``, specials included) of pool docs, memoized."""
 
-    def __init__(self, tokenizer, pool: Sequence[str]) -> None:
+    def __init__(self, tokenizer, pool: Sequence[str], add_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
         self._pool = pool
+        self._specials = add_special_tokens
         self._ids: dict[int, list[int]] = {}
 
     def tokenize_all(self) -> None:
         missing = [i for i in range(len(self._pool)) if i not in self._ids]
-        encoded = self._tokenizer([self._pool[i] for i in missing]).input_ids
+        encoded = self._tokenizer([self._pool[i] for i in missing], add_special_tokens=self._specials).input_ids
         self._ids.update(zip(missing, encoded))
 
     def __getitem__(self, i: int) -> list[int]:
         if i not in self._ids:
-            self._ids[i] = self._tokenizer(self._pool[i]).input_ids
+            self._ids[i] = self._tokenizer(self._pool[i], add_special_tokens=self._specials).input_ids
         return self._ids[i]
 
     def count_longer_than(self, seqlen: int) -> int:
@@ -120,9 +127,9 @@ def _adds_special_tokens(tokenizer) -> bool:
     return tokenizer(probe).input_ids != tokenizer(probe, add_special_tokens=False).input_ids
 
 
-def _pool_stream(tokenizer, pool: Sequence[str], doc_tokens: _LazyDocTokens) -> list[int]:
+def _pool_stream(tokenizer, pool: Sequence[str], doc_tokens: _LazyDocTokens, chat: bool) -> list[int]:
     separator = tokenizer(_STREAM_SEPARATOR, add_special_tokens=False).input_ids
-    if _adds_special_tokens(tokenizer):
+    if not chat and _adds_special_tokens(tokenizer):
         docs_ids = tokenizer(list(pool), add_special_tokens=False).input_ids
     else:  # the GPTQ tokenization already computed to choose the mode is the same: reuse it
         docs_ids = [doc_tokens[i] for i in range(len(pool))]
@@ -134,30 +141,55 @@ def _pool_stream(tokenizer, pool: Sequence[str], doc_tokens: _LazyDocTokens) -> 
     return stream
 
 
+def _check_enough(n_tokens: int, spec: CalibrationSpec, label: str) -> None:
+    if n_tokens < spec.n_samples * spec.seqlen:
+        raise CalibrationDataError(
+            f"calibration: {label} holds {n_tokens:,} tokens, fewer than calibration.n_samples x calibration.seqlen "
+            f"= {spec.n_samples} x {spec.seqlen} = {spec.n_samples * spec.seqlen:,}; give more data or lower them")
+
+
 def _sample_pool_stream(
-    tokenizer, pool: Sequence[str], doc_tokens: _LazyDocTokens, spec: CalibrationSpec, rng: random.Random
+    tokenizer, pool: Pool, doc_tokens: _LazyDocTokens, spec: CalibrationSpec, rng: random.Random
 ) -> list[list[int]]:
-    stream = _pool_stream(tokenizer, pool, doc_tokens)
-    if len(stream) < spec.seqlen:
-        raise ValueError(f"calibration pool has {len(stream)} tokens, fewer than seqlen={spec.seqlen}")
+    stream = _pool_stream(tokenizer, pool.docs, doc_tokens, pool.chat)
+    _check_enough(len(stream), spec, pool.label)
     starts = [rng.randint(0, len(stream) - spec.seqlen) for _ in range(spec.n_samples)]
     return [stream[s : s + spec.seqlen] for s in starts]
+
+
+def _sample_wikitext2(tokenizer, spec: CalibrationSpec, data_dir: str | None, rng: random.Random) -> list[list[int]]:
+    ids = tokenizer(wikitext2_train_text(data_dir)).input_ids
+    _check_enough(len(ids), spec, "WikiText-2 train")
+    starts = [rng.randint(0, len(ids) - spec.seqlen - 1) for _ in range(spec.n_samples)]
+    return [ids[i : i + spec.seqlen] for i in starts]
+
+
+def calibration_pool(tokenizer, source: CalibrationSource, data_dir: str | None) -> Pool:
+    """The documents rules 1-4 sample from (not for WikiText-2, which is one stream)."""
+    if source.dataset == "c4":
+        return Pool(c4_train_docs(data_dir), "C4 train")
+    return user_documents(tokenizer, source)
 
 
 def sample_calibration_with_mode(
     tokenizer, spec: CalibrationSpec, data_dir: str | None
 ) -> tuple[torch.LongTensor, SamplingMode]:
     """Like :func:`sample_calibration`, also returning which mode of the rule drew the samples."""
-    pool = c4_train_docs(data_dir)
-    doc_tokens = _LazyDocTokens(tokenizer, pool)
-    mode = _choose_mode(doc_tokens, len(pool), spec)
     rng = random.Random(spec.seed)
-    if mode == "long-docs":
-        samples = _sample_long_docs(doc_tokens, len(pool), spec, rng)
+    if spec.source.dataset == "wikitext2":
+        samples = _sample_wikitext2(tokenizer, spec, data_dir, rng)
+        mode, label, size = "gptq-wikitext2", "WikiText-2 train", 1
     else:
-        samples = _sample_pool_stream(tokenizer, pool, doc_tokens, spec, rng)
-    log.info("calibration: %d x %d tokens of C4 train (%d-doc pool, mode %s, seed %d)",
-             spec.n_samples, spec.seqlen, len(pool), mode, spec.seed)
+        pool = calibration_pool(tokenizer, spec.source, data_dir)
+        doc_tokens = _LazyDocTokens(tokenizer, pool.docs, add_special_tokens=not pool.chat)
+        mode = _choose_mode(doc_tokens, len(pool.docs), spec)
+        if mode == "long-docs":
+            samples = _sample_long_docs(doc_tokens, len(pool.docs), spec, rng)
+        else:
+            samples = _sample_pool_stream(tokenizer, pool, doc_tokens, spec, rng)
+        label, size = pool.label, len(pool.docs)
+    log.info("calibration: %d x %d tokens of %s (%d-doc pool, mode %s, seed %d)",
+             spec.n_samples, spec.seqlen, label, size, mode, spec.seed)
     return torch.tensor(samples, dtype=torch.long), mode
 
 

@@ -129,3 +129,37 @@ def c4_train_docs(data_dir: str | None) -> Sequence[str]:
     """
     docs = _c4_train_docs(data_dir)
     return docs if isinstance(docs, _HubTextColumn) else list(docs)
+
+
+WIKITEXT2_TRAIN_FILE = ("wikitext-2-raw", "wiki.train.raw")
+# The canonical wiki.train.raw of wikitext-2-raw-v1.zip (shared/data/README.md): a local copy must be it.
+WIKITEXT2_TRAIN_SHA256 = "6707892fa3788b5ab9ed78ab5ff37d9fe825f6011a2ad4fcd6a6d467f0e7da57"
+
+
+@lru_cache(maxsize=2)
+def wikitext2_train_text(data_dir: str | None) -> str:
+    """The WikiText-2 (raw) train split as one string, rows built like :func:`wikitext2_test_text`.
+
+    Locally ``<data_dir>/wikitext-2-raw/wiki.train.raw``, which must hash to the canonical
+    ``WIKITEXT2_TRAIN_SHA256``; with ``data_dir=None`` the hub's ``wikitext-2-raw-v1`` train split.
+    """
+    if data_dir is None:
+        from datasets import load_dataset
+
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split="train")["text"]
+        return "\n\n".join(rows)
+    from pathlib import Path
+
+    from loaq.data.checksums import DataFileError, DataFileMissing, _sha256_of
+
+    path = Path(data_dir).expanduser().joinpath(*WIKITEXT2_TRAIN_FILE)
+    if not path.is_file():
+        raise DataFileMissing(f"calibration.dataset=wikitext2 needs {path} (wiki.train.raw of wikitext-2-raw-v1, "
+                              f"sha256 {WIKITEXT2_TRAIN_SHA256}); place it there, or set data_dir: null for the hub")
+    actual = _sha256_of(path)
+    if actual != WIKITEXT2_TRAIN_SHA256:
+        raise DataFileError(f"checksum mismatch for {path}: sha256 {actual}, expected the canonical "
+                            f"{WIKITEXT2_TRAIN_SHA256} (calibration.dataset=wikitext2)")
+    with path.open(encoding="utf-8") as f:
+        rows = [line if line.strip() else "" for line in f]
+    return "\n\n".join(rows)

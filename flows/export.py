@@ -16,7 +16,9 @@ from prefect import flow
 from loaq.configs.load import ConfigError
 from loaq.configs.schema import RunConfig
 from loaq.stages.context import StageContext
-from loaq.stages.export import FORMATS, check_exportable, export_dtype, export_path, export_stage, is_exported
+from loaq.models.sources import source_gguf
+from loaq.stages.export import (DEFAULT_FORMATS, check_exportable, export_dtype, export_path, export_stage,
+                                is_exported)
 from loaq.stages.keys import export_key
 from loaq.stages.model import ModelRef
 
@@ -58,7 +60,7 @@ def export_models(ctx: StageContext, config: RunConfig, model: ModelRef, chain: 
         if is_exported(ctx, key, path):
             ctx.store.log_event(ctx.run_id, "export", key, "reused")
         else:
-            export_stage(ctx, model, chain, fmt, dtype, root)
+            export_stage(ctx, model, chain, fmt, dtype, root, source_gguf=source_gguf(config.model.source))
         link(config, fmt, path)
         out[fmt] = str(path)
     return out
@@ -70,7 +72,7 @@ def export_flow(config: RunConfig, formats=None, run_id: str | None = None) -> d
     from loaq.flows.plan import plan
     from loaq.flows.quantize import open_context
 
-    formats = tuple(dict.fromkeys(formats or config.export.formats or FORMATS))
+    formats = tuple(dict.fromkeys(formats or config.export.formats or DEFAULT_FORMATS))
     ctx = open_context(config, run_id)
     p = plan(ctx, config)
     check_formats(config, p.model, formats)

@@ -6,7 +6,7 @@
     loaq status [CONFIG]                      per-stage, per-layer state of a run, with sizes
     loaq gc [CONFIG]                          apply the retention policy to the store
     loaq report [CONFIG] [sweep options]      rebuild report.md/json/plots from the store alone
-    loaq export [CONFIG] [--format F ...]     write the quantized run as Hugging Face checkpoints
+    loaq export [CONFIG] [--format F ...]     write the quantized run as checkpoints (HF, or GGUF)
     loaq zoo [ZOO] [--deployment NAME]        models x settings as one Prefect flow, then the zoo report
 
 CONFIG is a YAML file or a preset name from the package's configs/ (default, paper); ZOO a zoo
@@ -72,8 +72,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "store alone"))
     export = with_config("export", "write an already-quantized run as Hugging Face checkpoints")
     export.add_argument("--format", dest="formats", action="append", default=[],
-                        choices=["fake_quant", "compressed_tensors"],
-                        help="checkpoint format (repeatable; default: export.formats of the config, else both)")
+                        choices=["fake_quant", "compressed_tensors", "gguf"],
+                        help="checkpoint format (repeatable; default: export.formats of the config, else "
+                             "fake_quant and compressed_tensors)")
     zoo = sub.add_parser("zoo", help="quantize a zoo of models x settings on one store as one Prefect flow, "
                                      "then write the zoo report")
     zoo.add_argument("config", nargs="?", default=None, help="zoo YAML file or zoo preset (default: zoo)")

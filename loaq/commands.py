@@ -5,28 +5,23 @@ from __future__ import annotations
 from loaq.configs.schema import RunConfig
 
 
-def _print_result(config: RunConfig, result: dict) -> None:
-    from loaq.flows.quantize import open_context
-
-    store = open_context(config).store
-    for dataset, keys in result["evals"].items():
-        fp, q = store.open(keys["fp"]).attrs, store.open(keys["quantized"]).attrs
-        print(f"{fp['label']} perplexity ({fp['windows']} x {fp['seqlen']} tokens): "
-              f"FP {fp['ppl']:.3f}   {config.quantize.method} {config.quantize.scheme} {q['ppl']:.3f}")
-    for which, key in result.get("zero_shot", {}).items():
-        res = store.open(key).attrs["zero_shot"]
-        print(f"zero-shot {which}: " + ", ".join(f"{t} {r['acc']:.4f}" for t, r in res.items() if t != "skipped"))
-    print(f"report: {result['report']}/report.md")
-    for fmt, path in result.get("exports", {}).items():
+def _print_result(config: RunConfig, result) -> None:
+    for dataset, ppl in result.perplexity.items():
+        how = result.protocol[dataset]
+        print(f"{how['label']} perplexity ({how['windows']} x {how['seqlen']} tokens): FP {ppl['fp']:.3f}   "
+              f"{config.quantize.method} {config.quantize.scheme} {ppl['quantized']:.3f}")
+    for which, accuracies in result.zero_shot.items():
+        print(f"zero-shot {which}: " + ", ".join(f"{t} {acc:.4f}" for t, acc in accuracies.items()))
+    print(f"report: {result.report}/report.md")
+    for fmt, path in result.exports.items():
         print(f"export {fmt}: {path}")
-    print(f"run id: {result['run_id']}")
+    print(f"run id: {result.run_id}")
 
 
 def run(config: RunConfig, args) -> int:
-    from loaq.flows.quantize import quantize_flow
+    from loaq.api import run as api_run
 
-    result = quantize_flow(config)
-    _print_result(config, result)
+    _print_result(config, api_run(config))
     return 0
 
 

@@ -8,6 +8,7 @@ import errno
 def user_error_types() -> tuple[type[BaseException], ...]:
     from loaq.configs.load import ConfigError
     from loaq.data.checksums import DataFileError
+    from loaq.data.sources import CalibrationDataError
     from loaq.models.adapters import UnsupportedArchitecture
     from loaq.models.checkpoint import CheckpointError
     from loaq.prefect_startup import PrefectStartupError
@@ -15,7 +16,7 @@ def user_error_types() -> tuple[type[BaseException], ...]:
     from loaq.store.errors import StoreError
 
     return (ConfigError, CheckpointError, UnsupportedArchitecture, StoreError, DataFileError, HessianDampingError,
-            PrefectStartupError)
+            PrefectStartupError, CalibrationDataError)
 
 
 def describe(exc: BaseException) -> str | None:

@@ -26,6 +26,13 @@ def embedded_gguf(source: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / file
 
 
+def source_gguf(source: str) -> str | None:
+    """The GGUF file a model source names (the embedded model's, or a ``.gguf`` path), else None."""
+    if source in EMBEDDED:
+        return str(embedded_gguf(source))
+    return source if Path(source).expanduser().suffix == ".gguf" else None
+
+
 def resolve_source(source: str, cache_dir: str | os.PathLike, *, revision: str | None = None,
                    file_digest=None) -> Path:
     """Local checkpoint directory for ``source`` (converting or downloading it once)."""

@@ -40,8 +40,10 @@ from .keys import export_key, weights_key
 from .model import ModelRef
 from .quantize import read_weights
 
-FAKE_QUANT, PACKED = "fake_quant", "compressed_tensors"
-FORMATS = (FAKE_QUANT, PACKED)
+FAKE_QUANT, PACKED, GGUF = "fake_quant", "compressed_tensors", "gguf"
+FORMATS = (FAKE_QUANT, PACKED, GGUF)
+#: The formats ``loaq export`` writes when neither the command nor the config names any.
+DEFAULT_FORMATS = (FAKE_QUANT, PACKED)
 
 
 def export_dtype(model: ModelRef, requested: str) -> str:
@@ -70,6 +72,8 @@ def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None, rotated: 
         raise ConfigError(f"quantize.act_bits={cfg.act_bits} quantizes activations at run time, which no export format "
                           f"of loaq holds ({FAKE_QUANT} keeps weights only, {PACKED} integer activations are not "
                           f"written); evaluate it in loaq, or export a run with quantize.act_bits=null")
+    if fmt == GGUF:
+        return check_gguf(cfg, model_config, rotated)
     if fmt != PACKED:
         return
     if rotated:
@@ -97,14 +101,48 @@ def check_exportable(fmt: str, cfg: QuantizeConfig, model_config=None, rotated: 
                               f"export as {FAKE_QUANT}")
 
 
+def check_gguf(cfg: QuantizeConfig, model_config=None, rotated: bool = False) -> None:
+    """Fail early for a run GGUF cannot hold exactly: the grid must be one of llama.cpp's block types."""
+    from loaq.models.gguf_export import BLOCK, MAPPABLE, UnmappableScheme, block_type, gguf_arch
+
+    if rotated:
+        raise ConfigError(f"export.formats: {GGUF} cannot hold a rotated model's online Hadamard on down_proj's input "
+                          f"(model.rotation.kind=hadamard); export it as {FAKE_QUANT}")
+    if cfg.bits == 16:
+        raise ConfigError(f"quantize.bits=16 leaves the weights unquantized; {GGUF} maps only {MAPPABLE}")
+    try:
+        block_type(cfg.bits, cfg.symmetric, cfg.group_size)
+        if model_config is not None:
+            gguf_arch(model_config)
+    except UnmappableScheme as e:
+        raise ConfigError(f"export.formats: {GGUF}: {e}; export this run as {FAKE_QUANT}") from None
+    if cfg.grid_init == "neuqi" and cfg.symmetric:
+        pass  # a symmetric NeUQI grid keeps the fixed zero point of Q4_0 / Q8_0
+    if cfg.act_order and cfg.group_size and not cfg.static_groups:
+        raise ConfigError(f"quantize.act_order with quantize.static_groups=false gives every column its own group, "
+                          f"which {GGUF} blocks cannot hold; set quantize.static_groups=true, or export as {FAKE_QUANT}")
+    if model_config is not None:
+        heads = int(model_config.num_attention_heads)
+        head_dim = getattr(model_config, "head_dim", None) or int(model_config.hidden_size) // heads
+        widths = {int(model_config.hidden_size), int(model_config.intermediate_size), heads * int(head_dim)}
+        step = cfg.group_size or BLOCK
+        bad = sorted(w for w in widths if w % step or w % BLOCK)
+        if bad:
+            raise ConfigError(f"quantize.group_size={cfg.group_size}: the linear input width(s) {', '.join(map(str, bad))} "
+                              f"are not whole {GGUF} blocks of {BLOCK} in whole groups; export as {FAKE_QUANT}")
+
+
 def _layer_pattern(layer_prefix: str) -> re.Pattern:
     head, tail = layer_prefix.split("{index}")
     return re.compile(re.escape(head) + r"\d+" + re.escape(tail))
 
 
 @task(name="export", cache_policy=NONE)
-def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str, dtype: str, root: str) -> str:
-    """Write the ``fmt`` checkpoint of the quantized model ``chain`` under ``root``; returns its key."""
+def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str, dtype: str, root: str,
+                 source_gguf: str | None = None) -> str:
+    """Write the ``fmt`` checkpoint of the quantized model ``chain`` under ``root``; returns its key.
+
+    ``source_gguf``: the GGUF file the model came from, whose tokenizer fields a GGUF export copies."""
     key = export_key(chain[-1], fmt, dtype)
     path = export_path(root, fmt, key)
     if is_exported(ctx, key, path):
@@ -114,6 +152,8 @@ def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str,
     failpoint("export:before")
     torch_dtype = DTYPES[dtype]
     checkpoint = model.open()
+    if fmt == GGUF:
+        return _export_gguf(ctx, model, chain, dtype, key, path, checkpoint, source_gguf, started)
     adapter = checkpoint.adapter
     layer_names = _layer_pattern(adapter.layer_prefix)
     others = [n for n in checkpoint.tensor_names() if not layer_names.match(n)]
@@ -174,6 +214,26 @@ def export_stage(ctx: StageContext, model: ModelRef, chain: list[str], fmt: str,
 
     with ctx.store.writer(key, kind="export", attrs={**attrs, "path": str(path)}, overwrite=True) as w:
         w.put("shard_bytes", torch.tensor(writer.shard_bytes, dtype=torch.int64))
+    ctx.store.log_event(ctx.run_id, "export", key, "computed", seconds=time.perf_counter() - started,
+                        nbytes=attrs["total_bytes"])
+    return key
+
+
+def _export_gguf(ctx: StageContext, model: ModelRef, chain: list[str], dtype: str, key: str, path: Path, checkpoint,
+                 source_gguf: str | None, started: float) -> str:
+    from .export_gguf import write_gguf
+
+    records = [ctx.store.open(weights_key(k)) for k in chain]
+    grids = {(r.attrs["bits"], r.attrs["group_size"], r.attrs["symmetric"]) for r in records}
+    if len(grids) != 1:
+        raise ConfigError("the layers of this quantized model use different grids; it cannot be exported as one scheme")
+    bits, group_size, symmetric = grids.pop()
+    attrs = {"format": GGUF, "dtype": dtype, "quantized": chain[-1], "model": model.key, "layers": len(chain),
+             "rotation": model.rotation.model_dump(), "bits": bits, "group_size": group_size, "symmetric": symmetric}
+    sizes = write_gguf(checkpoint, records, path, DTYPES[dtype], key, attrs, read_weights, source_gguf)
+    attrs.update(sizes, linear_ratio_fp16=sizes["linear_bytes"] / max(sizes["linear_fp16_bytes"], 1), shards=1)
+    with ctx.store.writer(key, kind="export", attrs={**attrs, "path": str(path)}, overwrite=True) as w:
+        w.put("shard_bytes", torch.tensor([sizes["total_bytes"]], dtype=torch.int64))
     ctx.store.log_event(ctx.run_id, "export", key, "computed", seconds=time.perf_counter() - started,
                         nbytes=attrs["total_bytes"])
     return key

@@ -22,6 +22,7 @@ from importlib.metadata import version
 from typing import Protocol
 
 from loaq.configs.schema import CalibrationConfig, EvaluationConfig, QuantizeConfig, RotationConfig
+from loaq.data.sources import CalibrationSource, content_digest
 from loaq.store.keys import stage_key
 
 from .context import StageContext
@@ -57,7 +58,17 @@ def data_identity(data_dir: str | None) -> str:
 
 
 def calibration_key(model: Model, cfg: CalibrationConfig, data_dir: str | None) -> str:
-    return stage_key("calibration", STREAM_VERSION, model=model.key, spec=cfg, data=data_identity(data_dir))
+    # The sampling spec without where the data lies: a local source enters through its content's
+    # digest, so moving it keeps the key and editing it changes it. c4 keeps the fields it always had.
+    spec = cfg.model_dump(exclude={"source"})
+    if cfg.source is not None:
+        spec["source"] = cfg.source.model_dump(exclude={"path"})
+    if cfg.dataset == "local":
+        source = CalibrationSource(dataset=cfg.dataset, **cfg.source.model_dump())
+        data = "sha256:" + content_digest(source)
+    else:
+        data = data_identity(data_dir)
+    return stage_key("calibration", STREAM_VERSION, model=model.key, spec=spec, data=data)
 
 
 def embed_key(ctx: StageContext, model: Model, calibration_key: str) -> str:
@@ -132,4 +143,6 @@ def export_key(quantized: str, fmt: str, dtype: str) -> str:
     inputs = {"quantized": quantized, "format": fmt, "dtype": dtype}
     if fmt == "compressed_tensors":  # the packed layout is the library's: its version is part of the output
         inputs["packer"] = version("compressed-tensors")
+    if fmt == "gguf":  # the file layout and metadata are the gguf package's
+        inputs["packer"] = version("gguf")
     return stage_key("export", EXPORT_VERSION, **inputs)

@@ -12,6 +12,7 @@ from prefect.cache_policies import NONE
 
 from loaq.configs.schema import CalibrationConfig
 from loaq.data.calibration import CalibrationSpec, sample_calibration
+from loaq.data.sources import CalibrationSource
 from loaq.engine.forward import clean_layer_forward, embed
 from loaq.models.layers import ContextFactory
 
@@ -28,12 +29,17 @@ def sublayer_output(name: str) -> str:
     return f"{name}_out"
 
 
+def calibration_spec(cfg: CalibrationConfig) -> CalibrationSpec:
+    source = CalibrationSource(dataset=cfg.dataset, **(cfg.source.model_dump() if cfg.source else {}))
+    return CalibrationSpec(source=source, n_samples=cfg.n_samples, seqlen=cfg.seqlen, seed=cfg.seed)
+
+
 @task(name="calibration", cache_policy=NONE)
 def calibration_stage(ctx: StageContext, model: ModelRef, cfg: CalibrationConfig, data_dir: str | None) -> str:
     key = calibration_key(model, cfg, data_dir)
 
     def compute():
-        tokens = sample_calibration(model.open().tokenizer(), CalibrationSpec(**cfg.model_dump()), data_dir)
+        tokens = sample_calibration(model.open().tokenizer(), calibration_spec(cfg), data_dir)
         with ctx.store.writer(key, kind="calibration", attrs={"spec": cfg.model_dump()}) as w:
             w.put("tokens", tokens.to(torch.int64))
 

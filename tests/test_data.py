@@ -145,9 +145,9 @@ def test_calibration_long_docs_mode_is_deterministic_per_seed(smollm2_tokenizer)
         assert any(inner in doc for doc in pool)
 
 
-def test_calibration_spec_rejects_unsupported_dataset():
-    with pytest.raises(ValueError, match="wikitext2"):
-        CalibrationSpec(dataset="wikitext2")  # type: ignore[arg-type]
+def test_calibration_spec_rejects_nonpositive_sizes():
+    with pytest.raises(ValueError, match="positive"):
+        CalibrationSpec(n_samples=0)
 
 
 # ---------------------------------------------------------------- integrity
