@@ -44,8 +44,9 @@ from zarr.abc.store import Store as ZarrStore
 from zarr.codecs import Crc32cCodec
 
 from .dtypes import logical_dtype_name, stored_numpy_dtype, to_stored_array
-from .errors import RecordBusy, RecordExists, StoreError, StoreWriteError
+from .errors import RecordBusy, RecordExists, StoreError, StoreLocked, StoreWriteError
 from .keys import to_jsonable
+from .locks import StoreLock
 from .layout import (
     ARRAY_ATTR_DTYPE,
     ATTR_COMPLETE,
@@ -125,7 +126,9 @@ class RecordWriter:
     What it needs of its store: ``zarr_store`` (the record is the group at ``record_path(key)``),
     ``store_id`` (names the store whatever URL reached it, for the in-process claim),
     ``compressors_for(stored_dtype)`` (the codecs of a new array), ``is_complete(key)`` and
-    ``wipe(key)`` (delete the record's directory, its metadata first).
+    ``wipe(key)`` (delete the record's directory, its metadata first), and ``record_lock``: on
+    stores with conditional writes, the leased lock that makes this the record's only writer
+    across processes and hosts (None where the run lock guards).
     """
 
     def __init__(
@@ -140,6 +143,7 @@ class RecordWriter:
         compressors_for: Callable[[np.dtype], list[BytesBytesCodec]],
         is_complete: Callable[[str], bool],
         wipe: Callable[[str], None],
+        record_lock: StoreLock | None = None,
     ) -> None:
         self.key = key
         self.kind = check_name(kind, "record kind")
@@ -149,6 +153,7 @@ class RecordWriter:
         self._zarr_store, self._claim = zarr_store, (store_id, key)
         self._compressors_for, self._is_complete, self._wipe = compressors_for, is_complete, wipe
         self._overwrite = overwrite
+        self._record_lock = record_lock
         self._group: zarr.Group | None = None
         self._arrays: dict[str, _ArrayInProgress] = {}
 
@@ -160,6 +165,12 @@ class RecordWriter:
                 raise RecordBusy(f"record {self.key} is already being written in this process")
             _BEING_WRITTEN.add(self._claim)
         try:
+            if self._record_lock is not None:
+                try:
+                    self._record_lock.acquire()
+                except StoreLocked as e:
+                    self._record_lock = None  # not ours to release
+                    raise RecordBusy(f"record {self.key} is being written by another process: {e}") from None
             if not self._overwrite and self._is_complete(self.key):
                 raise RecordExists(f"record {self.key} ({self.kind}) is already complete")
             with self._storage_errors():
@@ -280,6 +291,8 @@ class RecordWriter:
     # -- internals --------------------------------------------------------------------------
 
     def _release(self) -> None:
+        if self._record_lock is not None:
+            self._record_lock.release()
         with _BEING_WRITTEN_LOCK:
             _BEING_WRITTEN.discard(self._claim)
 
@@ -305,7 +318,8 @@ class RecordWriter:
                 )
         arrays = {name: entry.manifest() for name, entry in sorted(self._arrays.items())}
         manifest = {"nbytes": sum(a["nbytes"] for a in arrays.values()), "arrays": arrays}
-        self._store._check_claim(self.key)  # a writer whose record lock lapsed marks nothing
+        if self._record_lock is not None:
+            self._record_lock.check()  # a writer whose record lock lapsed marks nothing
         with self._storage_errors():
             # The completion mark: the last write of the record, in one document.
             group.update_attributes({ATTR_COMPLETE: True, ATTR_MANIFEST: manifest})
