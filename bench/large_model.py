@@ -2,7 +2,7 @@
 then `loaq run` with GPTQ and LoaQ at W4, a SIGKILL in the middle and a resume.
 
   1.1b  TinyLlama-1.1B's shape: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 KV heads,
-        vocab 32000, bfloat16 on disk (2.2 GB), float32 forwards on the CPU
+        vocab 32000, float32 on disk (4.4 GB), float32 forwards on the CPU
   7b    (opt-in) LLaMA-2-7B's shape in bfloat16 (13 GB on disk), bfloat16 forwards
 
 Random weights measure the machinery, not quality. Each `loaq run` is a process of its own; the
@@ -37,15 +37,15 @@ REPO = Path(__file__).resolve().parents[1]
 
 SHAPES = {
     "1.1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-                 num_key_value_heads=4, runtime_dtype="float32"),
+                 num_key_value_heads=4, runtime_dtype="float32", disk_dtype="float32"),
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=32, runtime_dtype="bfloat16"),
+               num_key_value_heads=32, runtime_dtype="bfloat16", disk_dtype="bfloat16"),
 }
 SHARD_BYTES = 1 << 30
 
 
 def build_model(folder: Path, shape: dict, layers: int | None) -> int:
-    """Random LLaMA weights in bfloat16 as sharded safetensors, a config.json and a character tokenizer;
+    """Random LLaMA weights (in the shape's disk dtype) as sharded safetensors, a config.json and a character tokenizer;
     returns the weights' bytes on disk. Tensors are made one at a time (memory: one shard)."""
     from safetensors.torch import save_file
     from transformers import LlamaConfig
@@ -56,27 +56,28 @@ def build_model(folder: Path, shape: dict, layers: int | None) -> int:
                          num_hidden_layers=n_layers, num_attention_heads=shape["num_attention_heads"],
                          num_key_value_heads=shape["num_key_value_heads"], vocab_size=32000,
                          max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False,
-                         torch_dtype="bfloat16")
+                         torch_dtype=shape["disk_dtype"])
     config.save_pretrained(folder)
     d, f = config.hidden_size, config.intermediate_size
     head_dim = d // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     gen = torch.Generator().manual_seed(0)
+    dtype = getattr(torch, shape["disk_dtype"])
 
     def randn(*size, std):
-        return (torch.randn(*size, generator=gen) * std).to(torch.bfloat16)
+        return (torch.randn(*size, generator=gen) * std).to(dtype)
 
     def tensors():
         yield "model.embed_tokens.weight", randn(config.vocab_size, d, std=1.0)
         for i in range(n_layers):
             p = f"model.layers.{i}."
-            yield p + "input_layernorm.weight", torch.ones(d, dtype=torch.bfloat16)
-            yield p + "post_attention_layernorm.weight", torch.ones(d, dtype=torch.bfloat16)
+            yield p + "input_layernorm.weight", torch.ones(d, dtype=dtype)
+            yield p + "post_attention_layernorm.weight", torch.ones(d, dtype=dtype)
             for name, (o, n) in {"self_attn.q_proj": (q, d), "self_attn.k_proj": (kv, d), "self_attn.v_proj": (kv, d),
                                  "self_attn.o_proj": (d, q), "mlp.gate_proj": (f, d), "mlp.up_proj": (f, d),
                                  "mlp.down_proj": (d, f)}.items():
                 yield p + name + ".weight", randn(o, n, std=1 / math.sqrt(n))
-        yield "model.norm.weight", torch.ones(d, dtype=torch.bfloat16)
+        yield "model.norm.weight", torch.ones(d, dtype=dtype)
         yield "lm_head.weight", randn(config.vocab_size, d, std=1 / math.sqrt(d))
 
     shard, shard_bytes, shards, weight_map, total = {}, 0, [], {}, 0
@@ -244,7 +245,7 @@ def _bench(args, shape: dict, root: Path) -> int:
     result = {"shape": args.shape, "layers": n_layers, "hidden": shape["hidden_size"],
               "intermediate": shape["intermediate_size"], "weights_on_disk": on_disk,
               "calibration": [args.samples, args.seqlen], "micro_batch": args.micro_batch,
-              "runtime_dtype": shape["runtime_dtype"], "threads": torch.get_num_threads(), "rows": rows}
+              "runtime_dtype": shape["runtime_dtype"], "disk_dtype": shape["disk_dtype"], "threads": torch.get_num_threads(), "rows": rows}
     table = _table(result)
     print("\n" + table)
     out = Path(args.out)
@@ -275,7 +276,7 @@ def _row(r) -> str:
 
 def _table(result) -> str:
     head = (f"{result['shape']}-shaped LLaMA, random weights: {result['layers']} layers, hidden {result['hidden']}, "
-            f"intermediate {result['intermediate']}, {result['weights_on_disk'] / 2**30:.2f} GiB bfloat16 on disk; "
+            f"intermediate {result['intermediate']}, {result['weights_on_disk'] / 2**30:.2f} GiB {result['disk_dtype']} on disk; "
             f"W4, calibration {result['calibration'][0]}x{result['calibration'][1]} tokens, "
             f"{result['runtime_dtype']} forwards, micro-batch {result['micro_batch']}\n\n"
             "| method | situation | wall s | layers quantized | clean s/layer | quantize s/layer | peak RSS MiB | "

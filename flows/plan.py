@@ -110,20 +110,28 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
     L = shape.layers
     clean_rec, state_rec, weights_rec = hidden_record(shape, w, 3), hidden_record(shape, w, 1), weights_record(shape, w)
 
-    def stage(kind, layer, ks, cost, kept):
+    def stage(kind, layer, ks, cost, kept, needed=None):
+        """``needed``: the records whose completeness makes the stage done (default: all it writes);
+        a record retention drops once its layer is done is not needed then."""
         ks = tuple(k for k in ks if k)
-        return Stage(kind, layer, ks, cost, kept, all(is_complete(k) for k in ks) if ks and is_complete else None)
+        if not ks or is_complete is None:
+            return Stage(kind, layer, ks, cost, kept, None)
+        return Stage(kind, layer, ks, cost, kept, all(is_complete(k) for k in (ks if needed is None else needed)))
 
     out = [stage("calibration", None, [keys.get("calibration")], calibration_cost(w), calibration_cost(w).written),
            stage("embed", None, [keys.get("embedding")], embed_cost(shape, w), embed_cost(shape, w).written)]
     clean, chain = keys.get("clean", [None] * L), keys.get("chain", [None] * L)
+    weights = [k and weights_key(k) for k in chain]
     for index in range(L):
         keep_clean = store.keep_clean_states == "all" or index == L - 1
-        out.append(stage("clean-layer", index, [clean[index]], clean_layer_cost(shape, w), clean_rec * keep_clean))
+        # A clean state that retention drops is done with once its layer is quantized.
+        needed = None if keep_clean or not weights[index] or not is_complete(weights[index]) else ()
+        out.append(stage("clean-layer", index, [clean[index]], clean_layer_cost(shape, w), clean_rec * keep_clean,
+                         needed))
     for index in range(L):
         keep_state = store.keep_quant_states == "all" or index == L - 1
-        out.append(stage("quantize-layer", index, [chain[index], chain[index] and weights_key(chain[index])],
-                         quantize_layer_cost(shape, w), weights_rec + state_rec * keep_state))
+        out.append(stage("quantize-layer", index, [chain[index], weights[index]], quantize_layer_cost(shape, w),
+                         weights_rec + state_rec * keep_state, None if keep_state else [weights[index]]))
     for dataset in config.evaluation.datasets:
         windows = eval_windows(dataset, config.evaluation.seqlen, config.evaluation.max_windows)
         cost = perplexity_cost(shape, w, windows, config.evaluation.seqlen)
