@@ -242,16 +242,18 @@ def _bench(args, shape: dict, root: Path) -> int:
             "store_records": records, "plan_records": plan_records, "store_vs_plan": records / plan_records,
         })
         print(_row(rows[-1]), flush=True)
-    result = {"shape": args.shape, "layers": n_layers, "hidden": shape["hidden_size"],
-              "intermediate": shape["intermediate_size"], "weights_on_disk": on_disk,
-              "calibration": [args.samples, args.seqlen], "micro_batch": args.micro_batch,
-              "runtime_dtype": shape["runtime_dtype"], "disk_dtype": shape["disk_dtype"], "threads": torch.get_num_threads(), "rows": rows}
-    table = _table(result)
+        # Written after every run, so a benchmark stopped early keeps the rows it measured.
+        result = {"shape": args.shape, "layers": n_layers, "hidden": shape["hidden_size"],
+                  "intermediate": shape["intermediate_size"], "weights_on_disk": on_disk,
+                  "calibration": [args.samples, args.seqlen], "micro_batch": args.micro_batch,
+                  "runtime_dtype": shape["runtime_dtype"], "disk_dtype": shape["disk_dtype"],
+                  "threads": torch.get_num_threads(), "rows": rows}
+        table = _table(result)
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+        out.with_suffix(".md").write_text(table + "\n")
     print("\n" + table)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    out.with_suffix(".md").write_text(table + "\n")
     return 0
 
 
