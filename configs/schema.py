@@ -214,7 +214,13 @@ class StoreConfig(Strict):
     url: str = ".loaq/store"
     keep_quant_states: Literal["all", "last"] = Field(
         "last", description="quantized-stream hidden states: keep every layer's, or only the last complete one")
+    keep_clean_states: Literal["all", "last"] = Field(
+        "all", description="clean-stream states: keep every layer's (variants reuse them) or only what resuming "
+        "needs (a variant then recomputes the clean stream, one full-precision forward per layer)")
     keep_stats: bool = False
+    check_space: bool = Field(
+        True, description="before a run on a local store, refuse it when the filesystem's free space cannot hold "
+        "what it keeps (quotas are not visible to this check)")
 
 
 ExportFormat = Literal["fake_quant", "compressed_tensors", "gguf"]

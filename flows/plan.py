@@ -1,36 +1,157 @@
-"""The keys a run's stages would use, computed without running anything (for status and reports)."""
+"""A run's plan: every stage it consists of, its key, whether the store holds it, and its cost.
+
+The plan is the one place that derives a run's stage graph. ``quantize_flow`` executes it;
+``loaq plan``, ``status``, ``report``, ``export`` and ``gc`` read it. Costs come from the model's
+shapes (``flows.costs``), so a model can be planned from its ``config.json`` alone
+(:func:`shape_plan`: no weights, hence no keys and nothing known to be complete).
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
 
 from loaq.configs.schema import QuantizeConfig, RunConfig
-from loaq.stages.context import StageContext
+from loaq.stages.context import Runtime, StageContext
 from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, perplexity_key, weights_key,
                               zero_shot_key)
 from loaq.stages.model import ModelRef, prepare_model
 from loaq.stages.report import variant_label
 
+from .costs import (EVENT_BYTES, Cost, Shape, Workload, calibration_cost, clean_layer_cost, embed_cost, eval_windows,
+                    hidden_record, perplexity_cost, quantize_layer_cost, weights_record, zero_shot_cost)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the run. ``keys``: the records it writes (empty in a shape-only plan);
+    ``kept``: the bytes of them that retention keeps once the run is over."""
+
+    kind: str
+    layer: int | None
+    keys: tuple[str, ...]
+    cost: Cost
+    kept: int
+    complete: bool | None  # None: not known (no store, or no keys)
+
 
 @dataclass
 class Plan:
-    model: ModelRef
-    calibration: str
-    embedding: str
-    clean: list[str]  # clean stream after each layer
-    chain: list[str]  # quantized stream after each layer
-    weights: list[str]
-    variant: str
-    evals: dict[str, dict[str, str]]
-    zero_shot: dict[str, str]
+    model: ModelRef | None
+    shape: Shape
+    workload: Workload
+    calibration: str | None = None
+    embedding: str | None = None
+    clean: list[str] = field(default_factory=list)  # clean stream after each layer
+    chain: list[str] = field(default_factory=list)  # quantized stream after each layer
+    weights: list[str] = field(default_factory=list)
+    variant: str | None = None
+    evals: dict[str, dict[str, str]] = field(default_factory=dict)
+    zero_shot: dict[str, str] = field(default_factory=dict)
+    stages: list[Stage] = field(default_factory=list)
+    # Records that exist only while the run goes on (deleted by retention): one layer's worth.
+    transient: int = 0
+
+    def pending(self) -> list[Stage]:
+        return [s for s in self.stages if not s.complete]
+
+    def kept_bytes(self) -> int:
+        """The store's size for this run once it is over (records kept by retention, event log)."""
+        return sum(s.kept for s in self.stages) + EVENT_BYTES * len(self.stages)
+
+    def bytes_to_add(self) -> int:
+        """Disk the run still needs: what its unfinished stages keep, and its transient records."""
+        pending = self.pending()
+        if not pending:
+            return 0
+        return sum(s.kept for s in pending) + EVENT_BYTES * len(self.stages) + self.transient
+
+    def peaks(self) -> tuple[int, int]:
+        """(host, device) peak bytes over the stages still to run (over all stages if none)."""
+        stages = self.pending() or self.stages
+        return max(s.cost.host for s in stages), max(s.cost.device for s in stages)
+
+    def summary(self) -> list[dict]:
+        """One row per stage kind: count, complete, bytes written and kept, peaks."""
+        rows: dict[str, dict] = {}
+        for s in self.stages:
+            row = rows.setdefault(s.kind, {"kind": s.kind, "count": 0, "complete": 0, "written": 0, "kept": 0,
+                                           "host": 0, "device": 0})
+            row["count"] += 1
+            row["complete"] += bool(s.complete)
+            row["written"] += s.cost.written
+            row["kept"] += s.kept
+            row["host"] = max(row["host"], s.cost.host)
+            row["device"] = max(row["device"], s.cost.device)
+        return list(rows.values())
+
+
+def workload(config: RunConfig, runtime: Runtime) -> Workload:
+    q = config.quantize
+    return Workload(samples=config.calibration.n_samples, seqlen=config.calibration.seqlen,
+                    dtype_bytes=runtime.dtype.itemsize, micro_batch=runtime.micro_batch,
+                    on_device=runtime.device != "cpu", bits=q.bits, group_size=q.group_size, method=q.method)
+
+
+def model_shape(path: str | os.PathLike) -> Shape:
+    """The shapes of the model whose ``config.json`` is ``path`` (or is in folder ``path``)."""
+    path = Path(path)
+    return Shape.from_config(json.loads((path if path.suffix == ".json" else path / "config.json").read_text()))
+
+
+def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
+            is_complete) -> tuple[list[Stage], int]:
+    """The stage list and the transient bytes, with keys from ``keys`` (None: a shape-only plan)."""
+    keys = keys or {}
+    store = config.store
+    L = shape.layers
+    clean_rec, state_rec, weights_rec = hidden_record(shape, w, 3), hidden_record(shape, w, 1), weights_record(shape, w)
+
+    def stage(kind, layer, ks, cost, kept, needed=None):
+        """``needed``: the records whose completeness makes the stage done (default: all it writes);
+        a record retention drops once its layer is done is not needed then."""
+        ks = tuple(k for k in ks if k)
+        if not ks or is_complete is None:
+            return Stage(kind, layer, ks, cost, kept, None)
+        return Stage(kind, layer, ks, cost, kept, all(is_complete(k) for k in (ks if needed is None else needed)))
+
+    out = [stage("calibration", None, [keys.get("calibration")], calibration_cost(w), calibration_cost(w).written),
+           stage("embed", None, [keys.get("embedding")], embed_cost(shape, w), embed_cost(shape, w).written)]
+    clean, chain = keys.get("clean", [None] * L), keys.get("chain", [None] * L)
+    weights = [k and weights_key(k) for k in chain]
+    for index in range(L):
+        keep_clean = store.keep_clean_states == "all" or index == L - 1
+        # A clean state that retention drops is done with once its layer is quantized.
+        needed = None if keep_clean or not weights[index] or not is_complete(weights[index]) else ()
+        out.append(stage("clean-layer", index, [clean[index]], clean_layer_cost(shape, w), clean_rec * keep_clean,
+                         needed))
+    for index in range(L):
+        keep_state = store.keep_quant_states == "all" or index == L - 1
+        out.append(stage("quantize-layer", index, [chain[index], weights[index]], quantize_layer_cost(shape, w),
+                         weights_rec + state_rec * keep_state, None if keep_state else [weights[index]]))
+    for dataset in config.evaluation.datasets:
+        windows = eval_windows(dataset, config.evaluation.seqlen, config.evaluation.max_windows)
+        cost = perplexity_cost(shape, w, windows, config.evaluation.seqlen)
+        for which in ("fp", "quantized"):
+            out.append(stage("perplexity", None, [keys.get("evals", {}).get(dataset, {}).get(which)], cost,
+                             cost.written))
+    if config.evaluation.zero_shot_tasks:
+        for which in ("fp", "quantized"):
+            cost = zero_shot_cost(shape, w)
+            out.append(stage("zero-shot", None, [keys.get("zero_shot", {}).get(which)], cost, cost.written))
+    transient = (clean_rec if store.keep_clean_states == "last" else 0) + \
+                (state_rec if store.keep_quant_states == "last" else 0)
+    return out, transient
 
 
 def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) -> Plan:
+    """The plan of ``config`` on ``ctx``'s store: keys, what is complete, and costs."""
     model = model or prepare_model.fn(config.model, ctx.model_cache)
     calibration = calibration_key(model, config.calibration, config.data_dir)
     embedding = embed_key(ctx, model, calibration)
-    clean = []
-    prev = embedding
+    clean, prev = [], embedding
     for index in range(model.num_layers):
         prev = clean_key(ctx, model, index, prev)
         clean.append(prev)
@@ -40,8 +161,21 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
              for d in config.evaluation.datasets}
     zero_shot = ({which: zero_shot_key(ctx, model, q, config.evaluation, config.data_dir)
                   for which, q in (("fp", None), ("quantized", chain))} if config.evaluation.zero_shot_tasks else {})
-    return Plan(model, calibration, embedding, clean, chain, [weights_key(k) for k in chain],
-                chain_id(embedding, config.quantize), evals, zero_shot)
+    shape = model_shape(model.path)
+    w = workload(config, ctx.runtime)
+    keys = {"calibration": calibration, "embedding": embedding, "clean": clean, "chain": chain, "evals": evals,
+            "zero_shot": zero_shot}
+    stages, transient = _stages(config, shape, w, keys, ctx.store.is_complete)
+    return Plan(model, shape, w, calibration, embedding, clean, chain, [weights_key(k) for k in chain],
+                chain_id(embedding, config.quantize), evals, zero_shot, stages, transient)
+
+
+def shape_plan(config: RunConfig, config_json: str | os.PathLike) -> Plan:
+    """The costs of ``config`` for the model described by ``config_json`` alone (no weights, no keys)."""
+    shape = model_shape(config_json)
+    w = workload(config, Runtime.resolve(config.runtime))
+    stages, transient = _stages(config, shape, w, None, None)
+    return Plan(None, shape, w, stages=stages, transient=transient)
 
 
 BASELINE_METHODS = ("rtn", "gptq")

@@ -17,12 +17,14 @@ from __future__ import annotations
 import contextlib
 import os
 import uuid
+from collections.abc import Callable
 
 from prefect import flow, get_run_logger
 
 from loaq.configs.schema import RunConfig
-from loaq.flows.plan import baseline_chains
 from loaq.flows.export import check_formats, export_models
+from loaq.flows.plan import Plan, baseline_chains, plan
+from loaq.flows.space import check_space, out_of_space
 from loaq.stages.context import Runtime, StageContext
 from loaq.stages.evaluate import perplexity_stage, zero_shot_stage
 from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, perplexity_key, weights_key,
@@ -61,6 +63,13 @@ def open_context(config: RunConfig, run_id: str | None = None) -> StageContext:
     return StageContext(store, run_id or uuid.uuid4().hex[:12], runtime, model_cache)
 
 
+def reuse_or_run(ctx: StageContext, stage: str, key: str, run: Callable[[], object]) -> str:
+    """Reuse the complete record ``key`` (logged; the stage's task is not even started) or run it."""
+    if not ctx.reuse(stage, key):
+        run()
+    return key
+
+
 def resume_point(ctx: StageContext, chain: list[str]) -> int:
     """First layer to compute: after the last layer whose stream state and all weights so far are complete."""
     weights_ok = 0
@@ -86,69 +95,78 @@ def quantize_flow(config: RunConfig, run_id: str | None = None, take_lock: bool 
     log = get_run_logger()
     ctx = open_context(config, run_id)
     with ctx.store.lock("run", timeout=0.0) if take_lock else contextlib.nullcontext():
-        for _ in range(MAX_CORRUPTION_REPAIRS):
+        for attempt in range(MAX_CORRUPTION_REPAIRS + 1):
+            model = prepare_model(config.model, ctx.model_cache)
+            p = plan(ctx, config, model)
+            if attempt == 0:
+                check_space(ctx.store, config, p)  # before any work: refuse what the disk cannot hold
             try:
-                return _pipeline(ctx, config)
+                return _pipeline(ctx, config, p)
             except CorruptRecord as e:
+                if attempt == MAX_CORRUPTION_REPAIRS:
+                    raise
                 log.warning("%s; recomputing it", e)
                 ctx.store.invalidate(e.key, str(e))
-        return _pipeline(ctx, config)
+            except Exception as e:
+                full = out_of_space(e, ctx.store, config, p)
+                if full is None:
+                    raise
+                raise full from None
 
 
-def _pipeline(ctx: StageContext, config: RunConfig) -> dict:
+def _clean_input(ctx: StageContext, config: RunConfig, p: Plan, clean: list[str], index: int) -> None:
+    """Make the clean input of layer ``index`` complete: recomputed from the last complete clean
+    state before it when retention (this config's or another variant's) dropped it."""
+    first = index
+    while first > 0 and not ctx.store.is_complete(clean[first]):
+        first -= 1
+    for j in range(first, index):
+        clean_layer_stage(ctx, p.model, j, clean[j])
+        retain(ctx, config.store, None, clean[j] if j > 0 else None)
+
+
+def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
     log = get_run_logger()
-    model = prepare_model(config.model, ctx.model_cache)
+    model = p.model
     log.info("model %s: %s, %d layers%s (key %s)", config.model.source, model.family, model.num_layers,
              f", hadamard-rotated (seed {model.rotation.seed})" if model.rotated else "", model.key[:12])
     check_formats(config, model, config.export.formats)  # an unexportable scheme fails before any work
     # A stage whose records are complete is not started at all (no task run): reruns stay cheap.
-    calibration = calibration_key(model, config.calibration, config.data_dir)
-    if not ctx.reuse("calibration", calibration):
-        calibration_stage(ctx, model, config.calibration, config.data_dir)
-    embedding = embed_key(ctx, model, calibration)
-    if not ctx.reuse("embed", embedding):
-        embed_stage(ctx, model, calibration)
+    reuse_or_run(ctx, "calibration", p.calibration,
+                 lambda: calibration_stage(ctx, model, config.calibration, config.data_dir))
+    reuse_or_run(ctx, "embed", p.embedding, lambda: embed_stage(ctx, model, p.calibration))
 
-    chain = chain_keys(embedding, config.quantize, model.num_layers)
-    variant = chain_id(embedding, config.quantize)
+    chain, clean = p.chain, [p.embedding, *p.clean]
     start = resume_point(ctx, chain)
     if 0 < start < model.num_layers:
         log.info("resuming at layer %d of %d", start, model.num_layers)
-    clean = [embedding]
+        _clean_input(ctx, config, p, clean, start)
     with LayerProgress(model.num_layers, f"{config.quantize.method} {config.quantize.scheme}") as progress:
         for index in range(model.num_layers):
-            clean.append(clean_key(ctx, model, index, clean[index]))
             if index < start:
                 ctx.store.log_event(ctx.run_id, "quantize-layer", chain[index], "reused")
                 progress.skip(index)
                 continue
-            if not ctx.reuse("clean-layer", clean[index + 1]):
-                clean_layer_stage(ctx, model, index, clean[index])
-            quant_input = embedding if index == 0 else chain[index - 1]
-            quantize_layer_stage(ctx, model, index, config.quantize, variant, chain[index], quant_input,
+            reuse_or_run(ctx, "clean-layer", clean[index + 1],
+                         lambda: clean_layer_stage(ctx, model, index, clean[index]))
+            quant_input = p.embedding if index == 0 else chain[index - 1]
+            quantize_layer_stage(ctx, model, index, config.quantize, p.variant, chain[index], quant_input,
                                  clean[index], clean[index + 1])
-            retain(ctx, config.store, chain[index - 1] if index > 0 else None)
-            progress.done(index, ctx.store.open(weights_key(chain[index])).attrs,
-                          stored=ctx.store.size(chain[index]) + ctx.store.size(weights_key(chain[index]))
-                          + ctx.store.size(clean[index + 1]))
+            stored = ctx.store.size(chain[index]) + ctx.store.size(weights_key(chain[index])) \
+                + ctx.store.size(clean[index + 1])
+            retain(ctx, config.store, chain[index - 1] if index > 0 else None, clean[index] if index > 0 else None)
+            progress.done(index, ctx.store.open(weights_key(chain[index])).attrs, stored=stored)
 
-    evals = {}
-    for dataset in config.evaluation.datasets:
-        evals[dataset] = {}
+    for dataset, keys in p.evals.items():
         for which, quantized in (("fp", None), ("quantized", chain)):
-            key = perplexity_key(ctx, model, quantized, dataset, config.evaluation, config.data_dir)
-            if not ctx.reuse("perplexity", key):
-                perplexity_stage(ctx, model, quantized, dataset, config.evaluation, config.data_dir)
-            evals[dataset][which] = key
-    zero_shot = {}
-    if config.evaluation.zero_shot_tasks:
-        for which, quantized in (("fp", None), ("quantized", chain)):
-            key = zero_shot_key(ctx, model, quantized, config.evaluation, config.data_dir)
-            if not ctx.reuse("zero-shot", key):
-                zero_shot_stage(ctx, model, quantized, config.evaluation, config.data_dir)
-            zero_shot[which] = key
-    report = report_stage(ctx, config, model, chain, evals, zero_shot,
-                          baseline_chains(embedding, config.quantize, model.num_layers))
+            reuse_or_run(ctx, "perplexity", keys[which],
+                         lambda: perplexity_stage(ctx, model, quantized, dataset, config.evaluation, config.data_dir))
+    for which, quantized in (("fp", None), ("quantized", chain)):
+        if which in p.zero_shot:
+            reuse_or_run(ctx, "zero-shot", p.zero_shot[which],
+                         lambda: zero_shot_stage(ctx, model, quantized, config.evaluation, config.data_dir))
+    report = report_stage(ctx, config, model, chain, p.evals, p.zero_shot,
+                          baseline_chains(p.embedding, config.quantize, model.num_layers))
     exports = export_models(ctx, config, model, chain, config.export.formats)
-    return {"run_id": ctx.run_id, "chain": chain[-1], "weights": [weights_key(k) for k in chain], "evals": evals,
-            "zero_shot": zero_shot, "report": report, "exports": exports}
+    return {"run_id": ctx.run_id, "chain": chain[-1], "weights": p.weights, "evals": p.evals,
+            "zero_shot": p.zero_shot, "report": report, "exports": exports}

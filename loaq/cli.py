@@ -3,6 +3,7 @@
     loaq run [CONFIG] [--set a.b=value ...]   quantize + evaluate + report (resumes / reuses)
     loaq sweep CONFIG [--methods gptq loaq] [--bits 3 4] [--alpha 0.3 0.5] [--beta 0.1 0.25]
                                               variants sharing every upstream stage, sweep report
+    loaq plan [CONFIG]                        stages, bytes written and kept, memory peaks, before any work
     loaq status [CONFIG]                      per-stage, per-layer state of a run, with sizes
     loaq gc [CONFIG]                          apply the retention policy to the store
     loaq report [CONFIG] [sweep options]      rebuild report.md/json/plots from the store alone
@@ -65,6 +66,7 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep_axes(with_config("sweep", "run variants (methods x bits x alpha x beta) that share every upstream "
                                     "stage, then write the sweep report"))
+    with_config("plan", "print the run's stages with their bytes and memory peaks before any work")
     with_config("status", "show per-stage, per-layer state of a run, with sizes")
     gc = with_config("gc", "apply the retention policy to the store")
     gc.add_argument("--drop-stats", action="store_true", help="also drop Hessian/statistics records")

@@ -49,6 +49,14 @@ def sweep(config: RunConfig, args) -> int:
     return 0
 
 
+def plan(config: RunConfig, args) -> int:
+    from loaq.flows.plan_report import plan_table
+
+    for line in plan_table(config)[1]:
+        print(line)
+    return 0
+
+
 def status(config: RunConfig, args) -> int:
     from loaq.flows.status import run_status
 
@@ -58,12 +66,9 @@ def status(config: RunConfig, args) -> int:
 
 
 def gc(config: RunConfig, args) -> int:
-    from loaq.flows.quantize import open_context
-    from loaq.store.retention import default_keep, gc as store_gc
+    from loaq.flows.gc import gc_flow
 
-    store = open_context(config).store
-    freed = store_gc(store, default_keep(store.list(), drop_stats=args.drop_stats))
-    print(f"freed {freed / 2**20:.1f} MiB")
+    print(f"freed {gc_flow(config, drop_stats=args.drop_stats) / 2**20:.1f} MiB")
     return 0
 
 
@@ -114,4 +119,4 @@ def zoo(config, args) -> int:
     return 0
 
 
-__all__ = ["run", "sweep", "status", "gc", "report", "export", "zoo"]
+__all__ = ["run", "sweep", "plan", "status", "gc", "report", "export", "zoo"]

@@ -20,6 +20,7 @@ from loaq.engine.layer import CleanStream, LayerQuantizer
 from loaq.engine.metrics import DivergenceMeter, outlier_threshold
 from loaq.models.layers import ContextFactory
 from loaq.quant import QuantizedWeight
+from loaq.quant.packing import pack_codes, unpack_codes
 
 from .arrays import RecordArray, WriterArray
 from .context import StageContext, failpoint
@@ -28,14 +29,23 @@ from .model import ModelRef
 from .streams import HIDDEN, sublayer_output
 
 WEIGHT_PARTS = ("codes", "scales", "zeros", "g_idx")
+# Codes are stored densely packed (``{name}.packed``, shape in the record's ``shapes`` attr);
+# records written before hold them as uint8 (``{name}.codes``) and are still read.
+PACKED = "packed"
+
+
+def weight_shapes(weights: dict[str, QuantizedWeight]) -> dict[str, list[int]]:
+    return {name: list(q.weight.shape) for name, q in weights.items()}
 
 
 def write_weights(writer, weights: dict[str, QuantizedWeight]) -> None:
+    """Write each linear's packed codes, scales, zeros and g_idx (its shape goes in the attrs, see
+    ``weight_shapes``)."""
     for name, q in weights.items():
         if q.codes is None:  # 16-bit sanity runs: nothing quantized, keep the weight itself
             writer.put(f"{name}.weight", q.weight.float().contiguous())
             continue
-        writer.put(f"{name}.codes", q.codes.contiguous())
+        writer.put(f"{name}.{PACKED}", pack_codes(q.codes, q.bits))
         writer.put(f"{name}.scales", q.scales.float().contiguous())
         writer.put(f"{name}.zeros", q.zeros.float().contiguous())
         writer.put(f"{name}.g_idx", q.g_idx.to(torch.int32).contiguous())
@@ -49,7 +59,11 @@ def read_weights(record, names) -> dict[str, QuantizedWeight]:
             w = record.read(f"{name}.weight")
             out[name] = QuantizedWeight(w, None, None, None, None, bits, group_size)
             continue
-        codes, scales, zeros, g_idx = (record.read(f"{name}.{p}") for p in WEIGHT_PARTS)
+        if f"{name}.{PACKED}" in record:
+            codes = unpack_codes(record.read(f"{name}.{PACKED}"), bits, tuple(record.attrs["shapes"][name]))
+        else:
+            codes = record.read(f"{name}.codes")
+        scales, zeros, g_idx = (record.read(f"{name}.{p}") for p in WEIGHT_PARTS[1:])
         q = QuantizedWeight(None, codes, scales, zeros, g_idx, bits, group_size)
         q.weight = q.dequantize()
         out[name] = q
@@ -105,7 +119,8 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
                               attrs={"layer": index, "bits": cfg.bits, "group_size": cfg.group_size,
                                      "symmetric": cfg.symmetric, "config": config_identity(cfg),
                                      "solver": result.solver, "divergence": divergence, "seconds": result.seconds,
-                                     "linears": list(result.weights)}) as w:
+                                     "linears": list(result.weights),
+                                     "shapes": weight_shapes(result.weights)}) as w:
             write_weights(w, result.weights)
     failpoint(f"quantize-layer:{index}:after")
     ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "computed", seconds=time.perf_counter() - started)

@@ -2,8 +2,10 @@
 
 Quantized-stream states are only needed to continue a chain: with ``keep_quant_states: last`` the
 state before layer l is deleted once layer l is complete (at 128x2048 tokens, one 8192-wide fp16
-stream is 4.3 GB per layer). Clean states and all weights are kept (variants share them).
-``loaq gc`` applies the same policy to a whole store afterwards.
+stream is 4.3 GB per layer). Clean states (the input and both sub-layer outputs, 12.9 GB a layer
+there) are shared by variants; with ``keep_clean_states: last`` the clean input of layer l is
+deleted once layer l is complete too, and a later variant recomputes the clean stream. Weights
+are always kept. ``loaq gc`` applies the same policy to a whole store afterwards.
 """
 
 from __future__ import annotations
@@ -13,10 +15,14 @@ from loaq.configs.schema import StoreConfig
 from .context import StageContext
 
 
-def retain(ctx: StageContext, cfg: StoreConfig, previous_state_key: str | None) -> int:
-    """Drop the quantized-stream state that the layer just finished no longer needs; bytes freed."""
-    if cfg.keep_quant_states == "all" or previous_state_key is None or not ctx.store.is_complete(previous_state_key):
-        return 0
-    freed = ctx.store.size(previous_state_key)
-    ctx.store.delete(previous_state_key)
+def retain(ctx: StageContext, cfg: StoreConfig, previous_state_key: str | None,
+           previous_clean_key: str | None = None) -> int:
+    """Drop the quantized- and clean-stream states that the layer just finished no longer needs
+    (``None``: the embedding, the root of both streams, always kept); bytes freed."""
+    freed = 0
+    for policy, key in ((cfg.keep_quant_states, previous_state_key), (cfg.keep_clean_states, previous_clean_key)):
+        if policy == "all" or key is None or not ctx.store.is_complete(key):
+            continue
+        freed += ctx.store.size(key)
+        ctx.store.delete(key)
     return freed

@@ -38,7 +38,8 @@ def linear_bytes(ctx: StageContext, weight_keys: list[str]) -> tuple[int, int]:
                 n = math.prod(record.shape(f"{name}.weight"))
                 packed, fp16 = packed + 2 * n, fp16 + 2 * n
                 continue
-            out_features, in_features = record.shape(f"{name}.codes")
+            out_features, in_features = (record.attrs["shapes"][name] if "shapes" in record.attrs
+                                         else record.shape(f"{name}.codes"))
             groups = math.prod(record.shape(f"{name}.scales"))
             zero_bits = 0 if record.attrs["symmetric"] else bits
             packed += math.ceil(out_features * in_features * bits / 8) + 2 * groups + math.ceil(groups * zero_bits / 8)

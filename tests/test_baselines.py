@@ -330,7 +330,7 @@ def test_pipeline_runs_both_and_stores_weights_that_differ_from_gptq(pipeline_st
     assert set(weights) == {"gptq", "gptaq", "qronos"}
     assert weights["gptaq"].keys() == weights["gptq"].keys() == weights["qronos"].keys()
     for method in ("gptaq", "qronos"):
-        codes = [k for k in weights[method] if k[1].endswith(".codes")]
+        codes = [k for k in weights[method] if k[1].endswith(".packed")]
         assert codes and any(not torch.equal(weights[method][k], weights["gptq"][k]) for k in codes), method
     assert store.open(next(i.key for i in store.list(kind="weights")
                            if i.attrs["config"]["method"] == "gptaq")).attrs["config"]["gptaq_alpha"] == 0.25

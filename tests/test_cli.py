@@ -13,7 +13,7 @@ from loaq.stages.keys import chain_keys, config_identity
 
 def test_help_lists_the_commands():
     out = subprocess.run([sys.executable, "-m", "loaq", "--help"], capture_output=True, text=True, check=True).stdout
-    for command in ("run", "sweep", "status", "gc", "report", "export", "zoo"):
+    for command in ("run", "sweep", "plan", "status", "gc", "report", "export", "zoo"):
         assert command in out
 
 
