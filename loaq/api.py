@@ -47,13 +47,6 @@ class Result:
     protocol: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
-def _prefect_defaults() -> None:
-    # Prefect runs in its local ephemeral mode unless PREFECT_API_URL points at a server.
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("PREFECT_SERVER_ALLOW_EPHEMERAL_MODE", "true")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-
-
 def _merge(base: dict, updates: Mapping[str, Any]) -> dict:
     out = dict(base)
     for k, v in updates.items():
@@ -117,10 +110,11 @@ def run(config: str | os.PathLike | Mapping | RunConfig | None = None, **section
     ``config`` and ``sections`` are as in :func:`load_config`. Finished stages are reused from the
     store and a killed run resumes, exactly as from the command line.
     """
-    _prefect_defaults()
     from loaq.flows.quantize import quantize_flow
+    from loaq.prefect_startup import ensure_prefect_api
 
     config = load_config(config, **sections)
+    ensure_prefect_api()  # a server that cannot start is one error naming the fix, not Prefect's traceback
     return _result(config, quantize_flow(config))
 
 
@@ -154,8 +148,9 @@ def quantize(model: str, method: str = "loaq", bits: int = 4, *, config: str | o
 def export(config: str | os.PathLike | Mapping | RunConfig | None = None, formats: Sequence[str] = (),
            **sections: Any) -> dict[str, Path]:
     """Export an already-quantized run (``loaq export``): ``{format: folder}``; computes nothing else."""
-    _prefect_defaults()
     from loaq.flows.export import export_flow
+    from loaq.prefect_startup import ensure_prefect_api
 
     config = load_config(config, **sections)
+    ensure_prefect_api()
     return {fmt: Path(p) for fmt, p in export_flow(config, tuple(formats))["exports"].items()}
