@@ -23,7 +23,6 @@ import math
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,6 +30,8 @@ from pathlib import Path
 
 import torch
 import yaml
+
+from processes import run_loaq
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -139,20 +140,8 @@ def write_config(path: Path, model: Path, store: Path, args, method: str, dtype:
 
 def loaq_run(config: Path, env: dict | None = None) -> dict:
     """One `loaq run` process: wall seconds, exit code, output, its peak RSS (bytes)."""
-    full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1", **(env or {})}
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "loaq", "run", str(config)], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=REPO, env=full_env, start_new_session=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        rc = os.waitstatus_to_exitcode(status)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # Prefect's ephemeral server outlives a killed run
-        except ProcessLookupError:
-            pass
-        out.seek(0)
-        text = out.read()
-    return {"seconds": time.perf_counter() - started, "rc": rc, "output": text, "peak_rss": usage.ru_maxrss * 1024}
+    seconds, rc, text, peak = run_loaq(["run", str(config)], {"HF_HUB_OFFLINE": "1", **(env or {})})
+    return {"seconds": seconds, "rc": rc, "output": text, "peak_rss": peak}
 
 
 def planned(config: Path) -> dict:

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from processes import run_loaq
 
 RESULTS = Path(__file__).parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -30,20 +30,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def loaq_run(store: str, extra: list[str], env: dict | None = None) -> tuple[float, int, str, float]:
     """(wall seconds, exit code, output, peak RSS of the `loaq run` process in MiB)."""
-    args = [sys.executable, "-m", "loaq", "run", "default", "--set", f"store.url={store}", *extra]
-    full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", **(env or {})}
-    started = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=full_env, start_new_session=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        rc = proc.returncode = os.waitstatus_to_exitcode(status)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # Prefect's ephemeral server outlives a killed run
-        except ProcessLookupError:
-            pass
-        out.seek(0)
-        text = out.read()
-    return time.perf_counter() - started, rc, text, usage.ru_maxrss / 1024  # Linux: KiB
+    seconds, rc, text, peak = run_loaq(["run", "default", "--set", f"store.url={store}", *extra], env)
+    return seconds, rc, text, peak / 2**20
 
 
 def run_id(text: str) -> str:

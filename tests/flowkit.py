@@ -107,3 +107,16 @@ def run_id(proc: subprocess.CompletedProcess) -> str:
         if line.startswith("run id: "):
             return line.split(": ", 1)[1].strip()
     raise AssertionError(f"no run id in output:\n{proc.stdout}\n{proc.stderr[-3000:]}")
+
+
+def error_line(capsys, argv: list[str]) -> str:
+    """The one ``loaq: error:`` line a user mistake gives (exit 2, no traceback)."""
+    from loaq.cli import main
+
+    rc = main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    lines = [l for l in err.splitlines() if l.startswith("loaq: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]

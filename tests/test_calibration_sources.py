@@ -9,8 +9,7 @@ import shutil
 import pytest
 
 from chatkit import MARKERS, add_chat_template, conversations
-from flowkit import make_checkpoint, write_config
-from loaq.cli import main
+from flowkit import error_line, make_checkpoint, write_config
 from loaq.configs.schema import CalibrationConfig, ModelConfig
 from loaq.data import CalibrationSource, CalibrationSpec, sample_calibration
 from loaq.stages.model import prepare_model
@@ -112,14 +111,6 @@ def test_calibration_key_follows_content_not_path(tmp_path, checkpoint):
     cfg = CalibrationConfig(n_samples=2, seqlen=16)
     assert calibration_key(model, cfg, "/data") == calibration_key(model, cfg, "/elsewhere")
 
-
-def error_line(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("loaq: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("make, source, expected", [

@@ -8,7 +8,7 @@ import shutil
 import pytest
 import zarr
 
-from flowkit import make_checkpoint, write_config
+from flowkit import error_line, make_checkpoint, write_config
 from loaq.cli import main
 from loaq.store import Store
 
@@ -17,15 +17,6 @@ from loaq.store import Store
 def checkpoint(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("model") / "tiny-llama", layers=2)
 
-
-def error_line(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("loaq: error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 def test_misspelled_field(tmp_path, capsys, checkpoint, shared_data):

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from flowkit import write_config
+from flowkit import error_line, write_config
 from gguf_kit import make_bpe_checkpoint
 from loaq.cli import main
 from loaq.models.gguf_export import (BLOCK_TYPES, gguf_tokenizer_fields, hf_tokenizer_fields, hparams, name_map,
@@ -139,14 +139,6 @@ def test_reexport_computes_nothing(tiny_export, capsys):
     assert f"export gguf" in capsys.readouterr().out
     assert (gguf_dir / "model.gguf").stat().st_mtime_ns == before
 
-
-def error_line(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("loaq: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 @pytest.mark.parametrize("overrides, expected", [

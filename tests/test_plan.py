@@ -11,7 +11,7 @@ import uuid
 import pytest
 import torch
 
-from flowkit import make_checkpoint, write_config
+from flowkit import error_line, make_checkpoint, write_config
 from loaq.cli import main
 from loaq.configs.load import load_config
 from loaq.stages.keys import weights_key as stage_weights_key
@@ -134,14 +134,6 @@ def disk_usage(url) -> int:
     """Bytes the files take in pages (what a tmpfs counts), not their sizes."""
     return sum(-(-os.path.getsize(os.path.join(d, f)) // 4096) * 4096 for d, _, fs in os.walk(url) for f in fs)
 
-
-def error_line(capsys, argv) -> str:
-    rc = main(argv)
-    err = capsys.readouterr().err
-    assert rc == 2, err
-    lines = [l for l in err.splitlines() if l.startswith("loaq: error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_a_run_that_cannot_fit_is_refused_before_any_work(tmpfs, tmp_path, checkpoint, shared_data, capsys):
