@@ -56,7 +56,7 @@ def variant_configs(config: RunConfig, spec: SweepSpec) -> list[RunConfig]:
         seen.add(identity)
         alpha_in, alpha_out, b = variant.alphas_beta()
         name = f"{config.name}-{method}-w{bits}" + (f"-a{alpha_in:g}" if any(variant.terms) else "") + \
-               (f"-b{b:g}" if variant.terms[1] else "")
+               (f"-b{b:g}" if variant.terms.soa else "")
         out.append(config.model_copy(update={"quantize": variant, "name": name}))
     return out
 
