@@ -62,7 +62,8 @@ def ensure_prefect_api(window: int | None = None, attempts: int = ATTEMPTS) -> s
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url:
+    # The environment is read too: an in-process settings context need not reflect a later change.
+    if os.environ.get("PREFECT_API_URL") or settings.api.url:
         return None
     if not settings.server.ephemeral.enabled:
         return None  # Prefect itself then says that it needs PREFECT_API_URL

@@ -86,4 +86,6 @@ def test_a_configured_api_url_starts_nothing(monkeypatch):
     from loaq.prefect_startup import ensure_prefect_api
 
     monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")
+    monkeypatch.setenv(STARTUP_SETTING, "1")  # restored afterwards, whatever the call does to it
     assert ensure_prefect_api(window=1) is None
+    assert os.environ[STARTUP_SETTING] == "1"  # a configured server's settings are left alone
