@@ -41,6 +41,61 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: The sub-layers of a decoder layer, as the adapters name them (models.adapters.SubLayer.name).
+SUBLAYERS = ("attn", "mlp")
+
+
+class Strengths(Strict):
+    """Strengths of the LoaQ terms for one sub-layer; a field left out keeps the value set above it."""
+
+    alpha_in: float | None = Field(None, ge=0, le=1)
+    alpha_out: float | None = Field(None, ge=0, le=1)
+    beta: float | None = Field(None, ge=0, le=1)
+
+    def over(self, base: tuple[float, float, float]) -> tuple[float, float, float]:
+        """(alpha_in, alpha_out, beta): these values where set, ``base``'s elsewhere."""
+        return tuple(base[i] if v is None else v for i, v in enumerate((self.alpha_in, self.alpha_out, self.beta)))
+
+
+class LayerSetting(Strengths):
+    """One decoder layer's strengths: ``alpha_in``/``alpha_out``/``beta`` for both of its sub-layers,
+    ``attn`` or ``mlp`` for one of them (over the layer's values)."""
+
+    attn: Strengths | None = None
+    mlp: Strengths | None = None
+
+
+class SearchConfig(Strict):
+    """Per-layer (alpha, beta) chosen by the data: for each sub-layer of each layer in turn, every
+    candidate pair (alpha_in = alpha_out = alpha) is solved on the calibration windows that are not
+    held out and scored on the held-out ones; the best is kept and the layer is then quantized on all
+    windows as an ordinary run with those values would quantize it."""
+
+    alpha: tuple[float, ...] = Field((0.25, 0.5, 0.75), min_length=1, description="candidate alpha values")
+    beta: tuple[float, ...] = Field((0.0, 0.25, 0.5), min_length=1, description="candidate beta values")
+    objective: Literal["noa"] = Field(
+        "noa", description="noa: the sub-layer's RMS-normalised output error on the held-out windows, "
+        "sum ||s(h + Y) - s_hat(h_hat + Y_hat)||^2 / sum ||s(h + Y)||^2 (the paper's eq. 12 quantity)")
+    holdout: float = Field(0.25, gt=0, lt=1, description="share of the calibration windows held out for the "
+                           "objective (the last ones of the seeded draw); the solves of the search never see them")
+
+    @field_validator("alpha", "beta")
+    @classmethod
+    def _unit(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        if any(not 0 <= x <= 1 for x in v):
+            raise ValueError("candidates must lie in [0, 1]")
+        return tuple(dict.fromkeys(v))
+
+    def candidates(self) -> list[tuple[float, float]]:
+        """(alpha, beta) pairs in a fixed order: the first of equal scores wins."""
+        return [(a, b) for a in self.alpha for b in self.beta]
+
+    def split(self, n_windows: int) -> tuple[int, int]:
+        """(solve windows, held-out windows) of ``n_windows``: the held-out ones are the last."""
+        held = max(1, round(self.holdout * n_windows))
+        return n_windows - held, held
+
+
 class QuantizeConfig(Strict):
     """How every linear layer is quantized (weights; PyTorch's (out, in) convention)."""
 
@@ -69,6 +124,12 @@ class QuantizeConfig(Strict):
     clean_stream_reset: bool | None = Field(
         None, description="restart the clean stream from the quantized one at every decoder layer, so only the "
         "layer's own error is corrected; null = the method's own choice (qronos: true, others: false)")
+    layers: dict[int, LayerSetting] = Field(
+        default_factory=dict, description="per-layer strengths over the ones above, by layer index: "
+        "{3: {alpha_in: 0.25, beta: 0}, 4: {mlp: {beta: 0.5}}}")
+    search: SearchConfig | None = Field(
+        None, description="choose each layer's (alpha, beta) on held-out calibration windows: "
+        "{alpha: [0.25, 0.5, 0.75], beta: [0, 0.25, 0.5]}; the LoaQ family only")
 
     @field_validator("bits")
     @classmethod
@@ -97,6 +158,43 @@ class QuantizeConfig(Strict):
         if v is not None and v < 1:
             raise ValueError("must be a positive number of input columns, or null for per-channel")
         return v
+
+    @field_validator("layers")
+    @classmethod
+    def _layers(cls, v: dict[int, LayerSetting]) -> dict[int, LayerSetting]:
+        if any(index < 0 for index in v):
+            raise ValueError("layer indices count from 0")
+        return dict(sorted(v.items()))
+
+    @field_validator("search")
+    @classmethod
+    def _search(cls, v: SearchConfig | None, info) -> SearchConfig | None:
+        method = info.data.get("method")
+        if v is not None and method is not None and not any(METHOD_TERMS[method]):
+            raise ValueError(f"searches the LoaQ terms' strengths, which method {method} does not use; "
+                             "use method lloa, lloa_soa or loaq, or remove quantize.search")
+        if v is not None and info.data.get("layers"):
+            raise ValueError("chooses every layer's strengths itself; remove quantize.layers or quantize.search")
+        return v
+
+    def layer_strengths(self, index: int) -> dict[str, tuple[float, float, float]]:
+        """Sub-layer name -> effective (alpha_in, alpha_out, beta) of layer ``index`` (zero where the
+        method leaves a term off)."""
+        setting = self.layers.get(index)
+        base = (self.alpha_in, self.alpha_out, self.beta)
+        layer = setting.over(base) if setting else base
+        terms = self.terms
+        out = {}
+        for name in SUBLAYERS:
+            own = getattr(setting, name, None) if setting else None
+            alpha_in, alpha_out, beta = own.over(layer) if own else layer
+            out[name] = (alpha_in if terms.lloa else 0.0, alpha_out if terms.lloa else 0.0,
+                         beta if terms.soa else 0.0)
+        return out
+
+    def with_layer(self, index: int, setting: LayerSetting) -> "QuantizeConfig":
+        """This config with layer ``index`` set to ``setting`` (a search's choice)."""
+        return self.model_copy(update={"layers": {**self.layers, index: setting}})
 
     @property
     def scheme(self) -> str:

@@ -41,6 +41,20 @@ class MemoryArray:
         self.tensor[start:start + values.shape[0]] = values.to(device=self.tensor.device, dtype=self.tensor.dtype)
 
 
+class Rows:
+    """Samples [start, stop) of another ``SampleArray``, addressed from 0 (no copy)."""
+
+    def __init__(self, array: SampleArray, start: int, stop: int):
+        self.array, self.start = array, start
+        self.shape = (stop - start, *array.shape[1:])
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.array.read(self.start + start, self.start + stop)
+
+    def write(self, start: int, values: torch.Tensor) -> None:
+        self.array.write(self.start + start, values)
+
+
 def micro_batches(n: int, size: int):
     for start in range(0, n, size):
         yield start, min(n, start + size)

@@ -175,7 +175,8 @@ class LayerQuantizer:
         self.cache_bytes = cache_bytes  # host memory allowed for caching a sub-layer's W_out inputs
         # What the layer reads of the config: the solver settings, the terms' strengths, the streams.
         self.settings = SolverSettings.of(cfg)
-        self.alpha_in, self.alpha_out, self.beta = cfg.alphas_beta()
+        self.strengths = cfg.layer_strengths(index)  # sub-layer -> (alpha_in, alpha_out, beta)
+        self.terms = cfg.terms
         self.noa = cfg.terms.noa
         self.needs_clean, self.resets_clean = cfg.needs_clean_stream(), cfg.resets_clean_stream()
         # input_transforms: the model's own online transforms of linear inputs (a rotated model's
@@ -274,6 +275,7 @@ class LayerQuantizer:
         GPTQ/RTN: H of X̂ alone. GPTAQ/Qronos: H and C, from the clean X recomputed by the full-precision
         layer. The LoaQ family: H and R = Σ X̂'ᵀD, D from the stored clean output Y (no clean X)."""
         n, (n_out, n_in) = hq.shape[0], W_out.shape
+        _, alpha_out, beta = self.strengths[sub.name]
         projected = clean is not None and self.fp is None
         stats = (ProjectedOutputStats(n_in, n_out, device=self.device) if projected
                  else InputStats(n_in, device=self.device))
@@ -303,12 +305,12 @@ class LayerQuantizer:
                 with self.timer("stats"):
                     flat_xq = self._flat(xq)
                     D, s_hat = projected_difference(self._flat(h_b), self._flat(y), self._flat(hq_b), flat_xq,
-                                                    W_out, bias, self.alpha_out, self.beta,
+                                                    W_out, bias, alpha_out, beta,
                                                     self.eps if self.noa else None)
                     stats.add(flat_xq, D, s_hat)
         if projected:
             return stats, None, stats.R, cache
-        return stats, stats.C, lloa_rhs(stats.C, W_out, self.alpha_out), cache
+        return stats, stats.C, lloa_rhs(stats.C, W_out, alpha_out), cache
 
     def _advance(self, sub: SubLayer, hq: SampleArray, hq_next: SampleArray, Q: torch.Tensor,
                  bias: torch.Tensor | None, cache: MemoryArray | None) -> None:
@@ -326,7 +328,7 @@ class LayerQuantizer:
                            hq_next: SampleArray) -> None:
         W_in = torch.cat([submodule(self.quant, name).weight for name in sub.w_in]).float()
         stats = self._w_in_stats(position, sub, clean, hq, W_in.shape[1])
-        R = lloa_rhs(stats.C, W_in, self.alpha_in)
+        R = lloa_rhs(stats.C, W_in, self.strengths[sub.name][0])
         self._assign(sub.w_in, self._solve(f"{sub.name}.w_in", W_in, stats, stats.C, R))
         del stats, R
 

@@ -197,6 +197,20 @@ def quantize_layer_cost(shape: Shape, w: Workload) -> Cost:
         weights_record(shape, w) + hidden_record(shape, w, 1))
 
 
+#: A layer search's record: attributes only (the choice and every candidate's score).
+SEARCH_RECORD = RECORD_META + 2048
+
+
+def search_layer_cost(shape: Shape, w: Workload) -> Cost:
+    """A quantize stage's peak and, beside it, the widest input's untouched H (each candidate's solve
+    damps a copy) and the SOA part of W_out's right-hand side."""
+    base = quantize_layer_cost(shape, w)
+    extra = shape.intermediate * shape.intermediate * 8 + shape.intermediate * shape.hidden * 8
+    if w.on_device:
+        return Cost(SEARCH_RECORD, base.host, base.device + extra)
+    return Cost(SEARCH_RECORD, base.host + extra, 0)
+
+
 def perplexity_cost(shape: Shape, w: Workload, windows: int, seqlen: int) -> Cost:
     stream = 2 * windows * seqlen * shape.hidden * w.dtype_bytes  # every window's hidden states, in and out
     head = shape.vocab * shape.hidden * (shape.checkpoint_bytes + w.dtype_bytes) + 3 * seqlen * shape.vocab * 4

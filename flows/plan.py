@@ -13,15 +13,18 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loaq.configs.load import ConfigError
 from loaq.configs.schema import QuantizeConfig, RunConfig
 from loaq.stages.context import Runtime, StageContext
-from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, perplexity_key, weights_key,
-                              zero_shot_key)
+from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, layer_key, pending_layer_key,
+                              perplexity_key, search_key, weights_key, zero_shot_key)
 from loaq.stages.model import ModelRef, prepare_model
 from loaq.stages.report import variant_label
+from loaq.stages.search import resolve
 
 from .costs import (EVENT_BYTES, Cost, Shape, Workload, calibration_cost, clean_layer_cost, embed_cost, eval_windows,
-                    hidden_record, perplexity_cost, quantize_layer_cost, weights_record, zero_shot_cost)
+                    hidden_record, perplexity_cost, quantize_layer_cost, search_layer_cost, weights_record,
+                    zero_shot_cost)
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,8 @@ class Plan:
     embedding: str | None = None
     clean: list[str] = field(default_factory=list)  # clean stream after each layer
     chain: list[str] = field(default_factory=list)  # quantized stream after each layer
+    searches: list[str | None] = field(default_factory=list)  # a search run's layer searches (None: not known yet)
+    quantize: QuantizeConfig | None = None  # the run's quantization with the searches done so far resolved
     weights: list[str] = field(default_factory=list)
     variant: str | None = None
     evals: dict[str, dict[str, str]] = field(default_factory=dict)
@@ -127,6 +132,11 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
         needed = None if keep_clean or not weights[index] or not is_complete(weights[index]) else ()
         out.append(stage("clean-layer", index, [clean[index]], clean_layer_cost(shape, w), clean_rec * keep_clean,
                          needed))
+    if config.quantize.search is not None:
+        searches = keys.get("searches", [None] * L)
+        for index in range(L):
+            cost = search_layer_cost(shape, w)
+            out.append(stage("layer-search", index, [searches[index]], cost, cost.written))
     for index in range(L):
         keep_state = store.keep_quant_states == "all" or index == L - 1
         out.append(stage("quantize-layer", index, [chain[index], weights[index]], quantize_layer_cost(shape, w),
@@ -149,13 +159,14 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
 def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) -> Plan:
     """The plan of ``config`` on ``ctx``'s store: keys, what is complete, and costs."""
     model = model or prepare_model.fn(config.model, ctx.model_cache)
+    check_layers(config, model.num_layers)
     calibration = calibration_key(model, config.calibration, config.data_dir)
     embedding = embed_key(ctx, model, calibration)
     clean, prev = [], embedding
     for index in range(model.num_layers):
         prev = clean_key(ctx, model, index, prev)
         clean.append(prev)
-    chain = chain_keys(embedding, config.quantize, model.num_layers)
+    quantize, chain, searches = resolved_chain(ctx.store, embedding, config.quantize, model.num_layers)
     evals = {d: {"fp": perplexity_key(ctx, model, None, d, config.evaluation, config.data_dir),
                  "quantized": perplexity_key(ctx, model, chain, d, config.evaluation, config.data_dir)}
              for d in config.evaluation.datasets}
@@ -164,18 +175,55 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
     shape = model_shape(model.path)
     w = workload(config, ctx.runtime)
     keys = {"calibration": calibration, "embedding": embedding, "clean": clean, "chain": chain, "evals": evals,
-            "zero_shot": zero_shot}
+            "zero_shot": zero_shot, "searches": searches}
     stages, transient = _stages(config, shape, w, keys, ctx.store.is_complete)
-    return Plan(model, shape, w, calibration, embedding, clean, chain, [weights_key(k) for k in chain],
-                chain_id(embedding, config.quantize), evals, zero_shot, stages, transient)
+    return Plan(model, shape, w, calibration, embedding, clean, chain, searches, quantize,
+                [weights_key(k) for k in chain], chain_id(embedding, config.quantize), evals, zero_shot, stages,
+                transient)
+
+
+def check_layers(config: RunConfig, num_layers: int) -> None:
+    """Per-layer settings name layers the model has; a search leaves windows on both sides."""
+    q = config.quantize
+    beyond = [i for i in q.layers if i >= num_layers]
+    if beyond:
+        raise ConfigError(f"quantize.layers sets layer {beyond[0]}, but the model has {num_layers} layers "
+                          f"(0-{num_layers - 1}); remove or renumber that entry")
+    if q.search is not None:
+        n = config.calibration.n_samples
+        solve, held = q.search.split(n)
+        if solve < 1:
+            raise ConfigError(f"quantize.search.holdout={q.search.holdout:g} of calibration.n_samples={n} leaves no "
+                              "window to solve on; raise calibration.n_samples (at least 2) or lower the holdout")
+
+
+def resolved_chain(store, embedding: str, q: QuantizeConfig, num_layers: int
+                   ) -> tuple[QuantizeConfig, list[str], list[str | None]]:
+    """(config, chain keys, search keys). Without a search, the config's own chain. With one, each
+    complete layer search sets its layer's strengths (``stages.search.resolve``) and so the keys from
+    there on; from the first search not done, the layers' keys are pending ones (no record has them)
+    and so are the later searches' (None)."""
+    if q.search is None:
+        return q, chain_keys(embedding, q, num_layers), []
+    chain, searches, prev, known = [], [], embedding, True
+    for index in range(num_layers):
+        key = search_key(prev, q, index) if known else None
+        searches.append(key)
+        known = key is not None and store.is_complete(key)
+        if known:
+            q = resolve(store, q, index, key)
+        prev = layer_key(prev, q, index) if known else pending_layer_key(prev, q, index)
+        chain.append(prev)
+    return q, chain, searches
 
 
 def shape_plan(config: RunConfig, config_json: str | os.PathLike) -> Plan:
     """The costs of ``config`` for the model described by ``config_json`` alone (no weights, no keys)."""
     shape = model_shape(config_json)
+    check_layers(config, shape.layers)
     w = workload(config, Runtime.resolve(config.runtime))
     stages, transient = _stages(config, shape, w, None, None)
-    return Plan(None, shape, w, stages=stages, transient=transient)
+    return Plan(None, shape, w, quantize=config.quantize, stages=stages, transient=transient)
 
 
 BASELINE_METHODS = ("rtn", "gptq")

@@ -27,13 +27,13 @@ from loaq.flows.plan import Plan, baseline_chains, plan
 from loaq.flows.space import check_space, out_of_space
 from loaq.stages.context import Runtime, StageContext
 from loaq.stages.evaluate import perplexity_stage, zero_shot_stage
-from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, perplexity_key, weights_key,
-                              zero_shot_key)
+from loaq.stages.keys import layer_key, search_key, weights_key
 from loaq.stages.model import prepare_model
 from loaq.stages.progress import LayerProgress
 from loaq.stages.quantize import quantize_layer_stage
 from loaq.stages.report import report_stage
 from loaq.stages.retention import retain
+from loaq.stages.search import resolve, search_layer_stage
 from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
 from loaq.store import CorruptRecord, Store
 from loaq.store.errors import StoreError
@@ -136,12 +136,13 @@ def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
                  lambda: calibration_stage(ctx, model, config.calibration, config.data_dir))
     reuse_or_run(ctx, "embed", p.embedding, lambda: embed_stage(ctx, model, p.calibration))
 
-    chain, clean = p.chain, [p.embedding, *p.clean]
+    chain, clean, q = list(p.chain), [p.embedding, *p.clean], p.quantize
     start = resume_point(ctx, chain)
     if 0 < start < model.num_layers:
         log.info("resuming at layer %d of %d", start, model.num_layers)
         _clean_input(ctx, config, p, clean, start)
-    with LayerProgress(model.num_layers, f"{config.quantize.method} {config.quantize.scheme}") as progress:
+    label = f"{q.method} {q.scheme}" + (" search" if q.search else "")
+    with LayerProgress(model.num_layers, label) as progress:
         for index in range(model.num_layers):
             if index < start:
                 ctx.store.log_event(ctx.run_id, "quantize-layer", chain[index], "reused")
@@ -150,13 +151,23 @@ def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
             reuse_or_run(ctx, "clean-layer", clean[index + 1],
                          lambda: clean_layer_stage(ctx, model, index, clean[index]))
             quant_input = p.embedding if index == 0 else chain[index - 1]
-            quantize_layer_stage(ctx, model, index, config.quantize, p.variant, chain[index], quant_input,
+            if q.search is not None:
+                # The layer's strengths are chosen first; its key follows from them.
+                key = reuse_or_run(ctx, "layer-search", search_key(quant_input, q, index),
+                                   lambda: search_layer_stage(ctx, model, index, q, search_key(quant_input, q, index),
+                                                              quant_input, clean[index], clean[index + 1]))
+                q = resolve(ctx.store, q, index, key)
+                chain[index] = layer_key(quant_input, q, index)
+            quantize_layer_stage(ctx, model, index, q, p.variant, chain[index], quant_input,
                                  clean[index], clean[index + 1])
             stored = ctx.store.size(chain[index]) + ctx.store.size(weights_key(chain[index])) \
                 + ctx.store.size(clean[index + 1])
             retain(ctx, config.store, chain[index - 1] if index > 0 else None, clean[index] if index > 0 else None)
             progress.done(index, ctx.store.open(weights_key(chain[index])).attrs, stored=stored)
 
+    if q.search is not None:
+        p = plan(ctx, config, model)  # every search is done: the chain's keys, and the evaluations', are known
+        chain = p.chain
     for dataset, keys in p.evals.items():
         for which, quantized in (("fp", None), ("quantized", chain)):
             reuse_or_run(ctx, "perplexity", keys[which],

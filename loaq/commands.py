@@ -9,7 +9,8 @@ def _print_result(config: RunConfig, result) -> None:
     for dataset, ppl in result.perplexity.items():
         how = result.protocol[dataset]
         print(f"{how['label']} perplexity ({how['windows']} x {how['seqlen']} tokens): FP {ppl['fp']:.3f}   "
-              f"{config.quantize.method} {config.quantize.scheme} {ppl['quantized']:.3f}")
+              f"{config.quantize.method} {config.quantize.scheme}{' search' if config.quantize.search else ''} "
+              f"{ppl['quantized']:.3f}")
     for which, accuracies in result.zero_shot.items():
         print(f"zero-shot {which}: " + ", ".join(f"{t} {acc:.4f}" for t, acc in accuracies.items()))
     print(f"report: {result.report}/report.md")

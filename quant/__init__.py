@@ -24,7 +24,8 @@ from .hadamard import Hadamard, HadamardSizeError
 from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
-from .stats import InputStats, ProjectedOutputStats, noa_factors, projected_difference
+from .stats import (InputStats, ProjectedOutputStats, ProjectedTermStats, noa_factors, normalised_output_error,
+                    projected_difference)
 from .targets import MismatchProduct, lloa_rhs, loaq_target
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "HessianDampingError",
     "InputStats",
     "ProjectedOutputStats",
+    "ProjectedTermStats",
     "projected_difference",
     "QuantSpec",
     "QuantizedWeight",
@@ -53,6 +55,7 @@ __all__ = [
     "lloa_rhs",
     "loaq_target",
     "noa_factors",
+    "normalised_output_error",
     "qronos",
     "qronos_start",
     "quantize_codes",

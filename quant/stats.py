@@ -158,6 +158,46 @@ def projected_difference(
     return D, (None if eps is None else sq[:, 0])
 
 
+def normalised_output_error(u: torch.Tensor, uq: torch.Tensor, eps: float) -> tuple[float, float]:
+    """(Σ‖s·u − ŝ·û‖², Σ‖s·u‖²) over tokens of u, û (t, d): the sub-layer output as the next RMSNorm
+    sees it (eq. 12 without its elementwise weight), clean against quantized."""
+    u, uq = u.float(), uq.float()
+    s, sq = noa_factors(u, uq, eps)
+    ref = u * s
+    return float((ref - uq * sq).square().sum()), float(ref.square().sum())
+
+
+class ProjectedTermStats:
+    """``ProjectedOutputStats`` with the LLOA and SOA parts of R kept apart, for trying several
+    (α, β) on one pass over the tokens: R(α, β) = α·R_lloa + β·R_soa, since D is linear in (α, β).
+    The NOA factors weight H and both parts alike."""
+
+    def __init__(self, n_in: int, n_out: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
+        self.lloa = ProjectedOutputStats(n_in, n_out, compute_dtype=compute_dtype, device=device)
+        self._R_soa = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
+
+    def add(self, Xq: torch.Tensor, D_lloa: torch.Tensor, D_soa: torch.Tensor, sq: torch.Tensor | None = None) -> None:
+        """Xq: (..., in); D_lloa, D_soa: (..., out), the D of (α, β) = (1, 0) and (0, 1); sq as in ``add``."""
+        self.lloa.add(Xq, D_lloa, sq)
+        stats = self.lloa
+        Xq = _as_tokens(Xq, stats.n_in, "Xq").to(device=self._R_soa.device, dtype=stats.compute_dtype)
+        if sq is not None:
+            Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(Xq)[:, None] * Xq
+        self._R_soa += Xq.T @ _as_tokens(D_soa, stats.n_out, "D_soa").to(Xq)
+
+    @property
+    def H(self) -> torch.Tensor:
+        return self.lloa.H
+
+    @property
+    def n_tokens(self) -> int:
+        return self.lloa.n_tokens
+
+    def R(self, alpha: float, beta: float) -> torch.Tensor:
+        """R of (α, β), (in, out) float64."""
+        return self.lloa.R * alpha + self._R_soa * beta
+
+
 class ProjectedOutputStats:
     """W_out statistics for the LoaQ family gathered without the clean stream's W_out input X.
 

@@ -7,7 +7,8 @@ reads, never a run id, a path or a time. The records and their keys, from the mo
     calibration     calibration(model, spec, data)
     embedding       embed(model, calibration, dtype)
     clean layer l   clean_layer(model, layer=l, prev=clean_{l-1} or embedding, dtype)
-    quant layer l   quant_layer(prev=quant_{l-1} or embedding, layer=l, config_identity)
+    quant layer l   quant_layer(prev=quant_{l-1} or embedding, layer=l, config_identity(layer l))
+    layer search l  layer_search(prev=quant_{l-1} or embedding, layer=l, config without strengths, search)
     layer weights   layer_weights(chain=quant_l)
     evaluation      perplexity / zero_shot(model, quantized=quant_last or None, settings, data, dtype)
     export          export(quantized=quant_last, format, dtype[, packer version])
@@ -21,7 +22,7 @@ from __future__ import annotations
 from importlib.metadata import version
 from typing import Protocol
 
-from loaq.configs.schema import CalibrationConfig, EvaluationConfig, QuantizeConfig, RotationConfig
+from loaq.configs.schema import SUBLAYERS, CalibrationConfig, EvaluationConfig, QuantizeConfig, RotationConfig
 from loaq.data.sources import CalibrationSource, content_digest
 from loaq.store.keys import stage_key
 
@@ -36,6 +37,7 @@ CLEAN_VERSION = 2
 # calibration, embeddings and the clean stream are reused.
 ALGORITHM_VERSION = 2
 EVAL_VERSION = 1
+SEARCH_VERSION = 1
 EXPORT_VERSION = 1
 
 
@@ -84,14 +86,24 @@ def hidden_key(ctx: StageContext, stage: str, version: int = STREAM_VERSION, **i
     return stage_key(stage, version, dtype=str(ctx.runtime.dtype), **inputs)
 
 
-def config_identity(cfg: QuantizeConfig) -> dict:
+def config_identity(cfg: QuantizeConfig, layer: int | None = None) -> dict:
     """The fields that determine a layer's result: alpha/beta are dropped where the method ignores them,
     gptaq_alpha except for GPTAQ, clean_stream_reset unless the stream is actually reset, and grid_init
     and act_bits at their defaults (so adding these fields left the keys of the other methods and runs as
-    they were)."""
-    identity = cfg.model_dump()
-    alpha_in, alpha_out, beta = cfg.alphas_beta()
-    identity.update(alpha_in=alpha_in, alpha_out=alpha_out, beta=beta)
+    they were).
+
+    With ``layer``, the strengths are that layer's (``quantize.layers``): equal ones on both sub-layers
+    are written as the config-wide fields are, so a layer set to the run's own values keeps its key;
+    differing ones as ``sublayers``. Without it, the config-wide values."""
+    identity = cfg.model_dump(exclude={"layers", "search"})
+    strengths = cfg.layer_strengths(layer) if layer is not None else {name: cfg.alphas_beta() for name in SUBLAYERS}
+    first, *rest = strengths.values()
+    if all(s == first for s in rest):
+        identity.update(zip(("alpha_in", "alpha_out", "beta"), first))
+    else:
+        for field in ("alpha_in", "alpha_out", "beta"):
+            identity.pop(field)
+        identity["sublayers"] = {name: list(s) for name, s in strengths.items()}
     if not (cfg.act_order and cfg.group_size):
         identity.pop("static_groups")
     if cfg.method != "gptaq":
@@ -111,14 +123,39 @@ def chain_keys(root_key: str, cfg: QuantizeConfig, num_layers: int) -> list[str]
     at the embedding. Two variants that agree on the configs of layers 0..k share exactly those keys."""
     keys, prev = [], root_key
     for index in range(num_layers):
-        prev = stage_key("quant_layer", ALGORITHM_VERSION, prev=prev, layer=index, config=config_identity(cfg))
+        prev = layer_key(prev, cfg, index)
         keys.append(prev)
     return keys
 
 
+def layer_key(prev: str, cfg: QuantizeConfig, index: int) -> str:
+    """The quantized stream after layer ``index``: its input's key and the layer's own config."""
+    return stage_key("quant_layer", ALGORITHM_VERSION, prev=prev, layer=index, config=config_identity(cfg, index))
+
+
+def pending_layer_key(prev: str, cfg: QuantizeConfig, index: int) -> str:
+    """Stands for the quantized stream after a layer whose search has not run (its strengths, hence
+    its key, are not known yet): a key no record is ever written under."""
+    return stage_key("quant_layer_pending", ALGORITHM_VERSION, prev=prev, layer=index,
+                     config=config_identity(cfg), search=cfg.search.model_dump())
+
+
 def chain_id(root_key: str, cfg: QuantizeConfig) -> str:
     """One id for all layers of a variant (used by retention, never for reuse)."""
-    return stage_key("chain", ALGORITHM_VERSION, root=root_key, config=config_identity(cfg))
+    extra = {}
+    if cfg.layers:
+        extra["layers"] = {str(i): s.model_dump(exclude_none=True) for i, s in cfg.layers.items()}
+    if cfg.search:
+        extra["search"] = cfg.search.model_dump()
+    return stage_key("chain", ALGORITHM_VERSION, root=root_key, config=config_identity(cfg), **extra)
+
+
+def search_key(prev: str, cfg: QuantizeConfig, index: int) -> str:
+    """A layer's search (the choice among ``quantize.search``'s candidates): its quantized input, the
+    layer's config apart from the strengths searched, and the search's settings."""
+    base = {k: v for k, v in config_identity(cfg).items() if k not in ("alpha_in", "alpha_out", "beta")}
+    return stage_key("layer_search", SEARCH_VERSION, prev=prev, layer=index, config=base,
+                     search=cfg.search.model_dump())
 
 
 def weights_key(chain_key: str) -> str:

@@ -1,5 +1,5 @@
-"""The report's pictures: per-layer drift of the quantized stream (paper, Fig. 4) and the
-alpha x beta perplexity heatmap of a sweep. Matplotlib only, written to PNG, no display needed."""
+"""The report's pictures: per-layer drift of the quantized stream (paper, Fig. 4), the
+alpha x beta perplexity heatmap of a sweep, and the per-layer strengths of a searched run. Matplotlib only, written to PNG, no display needed."""
 
 from __future__ import annotations
 
@@ -80,6 +80,41 @@ def plot_heatmaps(panels: list[dict], path: str) -> None:
 
         bar.ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
         bar.ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_strengths(layers: list[dict], path: str, title: str = "", drift: dict[str, list[dict]] | None = None) -> None:
+    """Each layer's strengths (rows of ``layer_rows`` with ``strengths``: sub-layer -> [alpha_in,
+    alpha_out, beta]): alpha and beta per sub-layer, as steps over depth; with ``drift`` (label ->
+    rows), a third panel of those variants' RMS-normalised drift beside them."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    panels = 3 if drift else 2
+    fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8))
+    x = [row["layer"] for row in layers]
+    subs = list(layers[0]["strengths"]) if layers else []
+    for ax, (name, column) in zip(axes, (("alpha (alpha_in = alpha_out)", 1), ("beta", 2))):
+        for i, sub in enumerate(subs):
+            values = [row["strengths"][sub][column] for row in layers]
+            ax.step(x, [v + (i - 0.5) * 0.012 for v in values], where="mid", marker="o", ms=3, lw=1.2, label=sub)
+        ax.set_ylim(-0.05, 1.05)
+        ax.set_ylabel(name)
+        ax.set_title(f"{title}: {name.split()[0]} per layer" if title else f"{name.split()[0]} per layer", fontsize=9)
+    for label, rows in (drift or {}).items():
+        axes[2].plot([r["layer"] for r in rows], [r["mse_normalized"] for r in rows], marker="o", ms=3, lw=1.2,
+                     label=label)
+    if drift:
+        axes[2].set_yscale("log")
+        axes[2].set_ylabel("normalised MSE vs clean stream")
+        axes[2].set_title("drift of the quantized stream", fontsize=9)
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("decoder layer")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

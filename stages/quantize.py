@@ -117,7 +117,8 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
     if not ctx.store.is_complete(w_key):
         with ctx.store.writer(w_key, kind="weights", overwrite=True,
                               attrs={"layer": index, "bits": cfg.bits, "group_size": cfg.group_size,
-                                     "symmetric": cfg.symmetric, "config": config_identity(cfg),
+                                     "symmetric": cfg.symmetric, "config": config_identity(cfg, index),
+                                     "strengths": {k: list(v) for k, v in cfg.layer_strengths(index).items()},
                                      "solver": result.solver, "divergence": divergence, "seconds": result.seconds,
                                      "linears": list(result.weights),
                                      "shapes": weight_shapes(result.weights)}) as w:

@@ -17,25 +17,33 @@ from loaq.configs.schema import QuantizeConfig, RunConfig
 
 from .context import StageContext
 from .model import ModelRef
-from .plots import plot_divergence, plot_heatmaps
+from .plots import plot_divergence, plot_heatmaps, plot_strengths
 from .keys import weights_key
 
 
 def variant_label(q: QuantizeConfig, with_terms: bool = False) -> str:
     label = f"{q.method} {q.scheme}" + (f" g{q.group_size}" if q.group_size else "")
     label += " neuqi" if q.grid_init == "neuqi" else ""
+    if q.search is not None:
+        return label + " search"
     if with_terms and any(q.terms):
         alpha_in, alpha_out, beta = q.alphas_beta()
         alpha = f"{alpha_in:g}" if alpha_in == alpha_out else f"{alpha_in:g}/{alpha_out:g}"
         label += f" a={alpha}" + (f" b={beta:g}" if q.terms.soa else "")
-    return label
+    return label + (" per-layer" if q.layers and any(q.terms) else "")
 
 
 def layer_rows(ctx: StageContext, chain: list[str]) -> list[dict]:
+    """Per layer of ``chain``: its drift, solver record and strengths (from its weights record)."""
+    return weights_rows(ctx, [weights_key(key) for key in chain])
+
+
+def weights_rows(ctx: StageContext, weights: list[str]) -> list[dict]:
     rows = []
-    for index, key in enumerate(chain):
-        attrs = ctx.store.open(weights_key(key)).attrs
-        rows.append({"layer": index, **attrs.get("divergence", {}), "solver": attrs.get("solver", {})})
+    for index, key in enumerate(weights):
+        attrs = ctx.store.open(key).attrs
+        rows.append({"layer": index, **attrs.get("divergence", {}), "solver": attrs.get("solver", {}),
+                     **({"strengths": attrs["strengths"]} if "strengths" in attrs else {})})
     return rows
 
 
@@ -98,6 +106,11 @@ def report_stage(ctx: StageContext, config: RunConfig, model: ModelRef, chain: l
     for other, rows in data["baselines"].items():
         below = sum(a["mse_normalized"] < b["mse_normalized"] for a, b in zip(data["layers"], rows))
         lines.append(f"- normalised MSE below {other}'s in {below} of {len(rows)} layers")
+    q = config.quantize
+    if (q.search or q.layers) and all("strengths" in row for row in data["layers"]):
+        plot_strengths(data["layers"], os.path.join(out_dir, "strengths.png"), title=model_name(config))
+        how = "chosen by the search on held-out calibration windows" if q.search else "as configured"
+        lines += ["", f"Strengths per layer ({how}):", "", "![strengths per layer](strengths.png)", ""]
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines))
     return out_dir

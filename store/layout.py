@@ -56,6 +56,7 @@ KINDS = (
     "quant_state",
     "stats",
     "weights",
+    "search",
     "eval",
     "export",
 )

@@ -1,0 +1,197 @@
+"""Per-layer strengths in the quantized chain, and the search that chooses them on held-out windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from flowkit import computed_stages, make_checkpoint, run_cli, run_id, write_config
+from loaq.configs.schema import LayerSetting, QuantizeConfig, SearchConfig
+from loaq.engine.arrays import MemoryArray
+from loaq.engine.forward import clean_layer_forward, embed
+from loaq.engine.layer import CleanStream, LayerQuantizer
+from loaq.engine.search import LayerSearch
+from loaq.engine.sources import ModelWeights
+from loaq.models.layers import ContextFactory
+from loaq.stages.keys import chain_keys
+from loaq.store import Store
+
+ROOT = "embedding-key"
+
+
+def test_a_layer_setting_changes_exactly_the_keys_from_its_layer_on():
+    base = QuantizeConfig(method="loaq", alpha_in=0.5, alpha_out=0.5, beta=0.25)
+    keys = chain_keys(ROOT, base, 5)
+    for setting in ({"beta": 0.5}, {"alpha_in": 0.25}, {"mlp": {"beta": 0.0}}, {"attn": {"alpha_out": 0.75}}):
+        other = chain_keys(ROOT, base.model_copy(update={"layers": {2: LayerSetting.model_validate(setting)}}), 5)
+        assert other[:2] == keys[:2], setting
+        assert all(a != b for a, b in zip(other[2:], keys[2:])), setting
+    # A layer set to the run's own values is the run's layer: the same key.
+    same = base.model_copy(update={"layers": {1: LayerSetting(alpha_in=0.5, alpha_out=0.5, beta=0.25),
+                                              3: LayerSetting(mlp={"beta": 0.25})}})
+    assert chain_keys(ROOT, same, 5) == keys
+
+
+def test_configs_that_agree_up_to_a_layer_share_its_records(tmp_path, shared_data):
+    checkpoint = make_checkpoint(tmp_path / "model", layers=3)
+    fixed = write_config(tmp_path / "fixed.yaml", checkpoint, tmp_path / "store", shared_data)
+    per_layer = write_config(tmp_path / "layers.yaml", checkpoint, tmp_path / "store", shared_data,
+                             layers={1: {"beta": 0.5}, 2: {"mlp": {"alpha_in": 0.25, "alpha_out": 0.25}}})
+    # Every layer's quantized stream kept, so the second run can continue from the shared layer 0.
+    keep = ("--set", "store.keep_quant_states=all")
+    runs = [run_cli("run", str(fixed), *keep), run_cli("run", str(per_layer), *keep)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    store = Store(str(tmp_path / "store"))
+    second = [e for e in store.events(run_id(runs[1])) if e["stage"] == "quantize-layer"]
+    assert [e["action"] for e in second] == ["reused", "computed", "computed"]
+    layers = {}
+    for info in store.list(kind="weights"):
+        layers.setdefault(info.attrs["layer"], []).append(info.attrs["strengths"])
+    assert len(layers[0]) == 1 and len(layers[1]) == 2 and len(layers[2]) == 2  # layer 0 is shared
+    assert {"attn": [0.5, 0.5, 0.5], "mlp": [0.5, 0.5, 0.5]} in layers[1]
+    assert {"attn": [0.5, 0.5, 0.25], "mlp": [0.25, 0.25, 0.25]} in layers[2]
+    status = run_cli("status", str(per_layer))
+    assert status.returncode == 0, status.stderr[-3000:]
+    rows = [line.split() for line in status.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert rows[1][-1] == "0.5/0.5/0.5" and rows[2][-4:] == ["attn", "0.5/0.5/0.25", "mlp", "0.25/0.25/0.25"]
+
+
+def weights_by_layer(store_url: Path) -> dict[int, dict[str, torch.Tensor]]:
+    store = Store(str(store_url))
+    out = {}
+    for info in store.list(kind="weights"):
+        record = store.open(info.key)
+        out[info.attrs["layer"]] = {name: record.read(name) for name in record.names}
+    return out
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, shared_data):
+    """A 3-layer model searched over 2x2 candidates, uninterrupted."""
+    root = tmp_path_factory.mktemp("search")
+    checkpoint = make_checkpoint(root / "model", layers=3)
+    config = write_config(root / "search.yaml", checkpoint, root / "store", shared_data,
+                          search={"alpha": [0.25, 0.75], "beta": [0.0, 0.5]})
+    proc = run_cli("run", str(config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return {"checkpoint": checkpoint, "config": config, "store": root / "store", "proc": proc}
+
+
+def test_search_keeps_each_sub_layers_best_candidate_and_reports_it(searched):
+    store = Store(str(searched["store"]))
+    records = sorted(store.list(kind="search"), key=lambda i: i.attrs["layer"])
+    assert [r.attrs["layer"] for r in records] == [0, 1, 2]
+    weights = {i.attrs["layer"]: i.attrs["strengths"] for i in store.list(kind="weights")}
+    for record in records:
+        for sub, scores in record.attrs["scores"].items():
+            assert len(scores) == 4
+            best = min(scores, key=lambda s: s[2])  # (alpha, beta, objective); the first of equals wins
+            assert record.attrs["choice"][sub] == best[:2]
+            alpha, beta = best[:2]
+            assert weights[record.attrs["layer"]][sub] == [alpha, alpha, beta]
+    report = searched["store"].parent / "runs" / "tiny"
+    assert (report / "strengths.png").stat().st_size > 1000 and "strengths.png" in (report / "report.md").read_text()
+    assert "loaq W3 search" in searched["proc"].stdout
+
+
+def test_the_objective_uses_only_windows_the_solves_did_not_see(searched):
+    """Recorded: held-out windows disjoint from the solve windows, and every solve's H summed over the
+    solve windows' tokens only (4 windows of 64 tokens, one held out)."""
+    for info in Store(str(searched["store"])).list(kind="search"):
+        a = info.attrs
+        solve, held = a["windows"]["solve"], a["windows"]["held_out"]
+        assert solve == [0, 3] and held == [3, 4]
+        assert a["tokens"] == {"solve": 3 * 64, "held_out": 64}
+        assert set(a["solver_tokens"].values()) == {3 * 64}
+
+
+def _layer_zero(tokens: torch.Tensor, cfg: QuantizeConfig):
+    model = tiny_model("llama", layers=1, hidden=64)
+    source = ModelWeights(model)
+    contexts = ContextFactory(source.adapter, source.config, "cpu")
+    h = MemoryArray(embed(source, tokens, torch.float32))
+    clean = CleanStream(h, {sub.name: MemoryArray(shape=h.shape) for sub in source.adapter.sublayers})
+    clean_layer_forward(source, 0, h, MemoryArray(shape=h.shape), clean.out, contexts, device="cpu",
+                        dtype=torch.float32, micro_batch=2)
+    quantizer = LayerQuantizer(source.adapter, source.config, 0, source.layer_state(0), cfg, contexts, micro_batch=2)
+    return quantizer, clean, MemoryArray(h.tensor.clone())
+
+
+def test_held_out_windows_move_the_scores_but_never_the_solves():
+    search = SearchConfig(alpha=[0.5], beta=[0.25], holdout=0.25)
+    cfg = QuantizeConfig(method="loaq", bits=3, search=search)
+    tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
+    changed_held = tokens.clone()
+    changed_held[6:] = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
+    changed_solve = tokens.clone()
+    changed_solve[0] = torch.randint(0, 512, (32,), generator=torch.Generator().manual_seed(2))
+    results = {}
+    for name, t in (("base", tokens), ("held", changed_held), ("solve", changed_solve)):
+        quantizer, clean, hq = _layer_zero(t, cfg)
+        results[name] = LayerSearch(quantizer, search).run(clean, hq)
+    base, held, solve = results["base"], results["held"], results["solve"]
+    assert base.windows == {"solve": [0, 6], "held_out": [6, 8]}
+    for name, q in base.weights.items():
+        assert torch.equal(q.weight, held.weights[name].weight), name
+    assert any(not torch.equal(q.weight, solve.weights[name].weight) for name, q in base.weights.items())
+    assert base.scores["attn"][0][2] != held.scores["attn"][0][2]
+
+
+def test_search_with_one_candidate_is_the_fixed_run_bit_for_bit(tmp_path, searched, shared_data):
+    checkpoint = searched["checkpoint"]
+    one = write_config(tmp_path / "one.yaml", checkpoint, tmp_path / "searched", shared_data,
+                       search={"alpha": [0.25], "beta": [0.5]})
+    fixed = write_config(tmp_path / "fixed.yaml", checkpoint, tmp_path / "fixed", shared_data,
+                         alpha_in=0.25, alpha_out=0.25, beta=0.5)
+    for config in (one, fixed):
+        proc = run_cli("run", str(config))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = weights_by_layer(tmp_path / "searched"), weights_by_layer(tmp_path / "fixed")
+    assert a.keys() == b.keys() == {0, 1, 2}
+    for layer in a:
+        assert a[layer].keys() == b[layer].keys()
+        for name in a[layer]:
+            assert torch.equal(a[layer][name], b[layer][name]), (layer, name)
+    # The chosen path is an ordinary chain: the fixed config on the search's store computes no layer.
+    again = write_config(tmp_path / "again.yaml", checkpoint, tmp_path / "searched", shared_data,
+                         alpha_in=0.25, alpha_out=0.25, beta=0.5)
+    proc = run_cli("run", str(again))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    computed = computed_stages(tmp_path / "searched", [run_id(proc)])
+    assert not any(stage == "quantize-layer" for stage, _ in computed), computed
+
+
+def test_a_search_killed_mid_layer_resumes_to_the_same_weights(tmp_path, searched, shared_data):
+    config = write_config(tmp_path / "search.yaml", searched["checkpoint"], tmp_path / "store", shared_data,
+                          search={"alpha": [0.25, 0.75], "beta": [0.0, 0.5]})
+    for point in ("layer-search:1:before", "quantize-layer:1:mid"):
+        killed = run_cli("run", str(config), env={"LOAQ_FAILPOINT": point})
+        assert killed.returncode == -9, (point, killed.stderr[-2000:])
+    done = run_cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    computed = computed_stages(tmp_path / "store", [run_id(done)])
+    per_stage = {stage: sum(n for (s, _), n in computed.items() if s == stage) for stage, _ in computed}
+    # Layer 1's search (done before the second kill) and layer 0 are kept; layers 1-2 are quantized.
+    assert per_stage["layer-search"] == 1 and per_stage["quantize-layer"] == 2, computed
+    expected, got = weights_by_layer(searched["store"]), weights_by_layer(tmp_path / "store")
+    for layer in expected:
+        for name in expected[layer]:
+            assert torch.equal(expected[layer][name], got[layer][name]), (layer, name)
+
+
+@pytest.mark.parametrize("quantize, message", [
+    ({"method": "gptq", "search": {}}, "quantize.search"),
+    ({"layers": {5: {"beta": 0.5}}}, "quantize.layers sets layer 5, but the model has 3 layers"),
+    ({"layers": {1: {"beta": 2}}}, "quantize.layers"),
+])
+def test_bad_per_layer_settings_fail_in_one_line(tmp_path, searched, shared_data, quantize, message):
+    config = write_config(tmp_path / "bad.yaml", searched["checkpoint"], tmp_path / "store", shared_data, **quantize)
+    proc = run_cli("plan", str(config))
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert message in lines[0], lines[0]
