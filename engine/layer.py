@@ -4,11 +4,11 @@ What runs when (``LayerQuantizer.run``; one decoder layer, its two sub-layers in
 
     for each sub-layer h + phi(Norm(h) W_in) W_out  (attention: W_in = [q;k;v], W_out = o;
                                                      MLP: W_in = [gate;up], W_out = down)
-        1. W_in statistics    H = X̂ᵀX̂, C = X̂ᵀ(X − X̂) of X = Norm(h)     ``_w_in_stats``
+        1. W_in statistics    H = X̂ᵀX̂, C = X̂ᵀ(X − X̂) of X = Norm(h)     ``w_in_stats``
         2. solve W_in          R = α·C·Wᵀ (LLOA); SOLVERS[method]           ``_solve``
         3. W_out statistics   H and R (LoaQ family) or H, C (GPTAQ/Qronos)  ``_w_out_stats``
         4. solve W_out         SOLVERS[method]                              ``_solve``
-        5. advance             ĥ ← ĥ + X̂Qᵀ (+ b) through the solved layer  ``_advance``
+        5. advance             ĥ ← ĥ + X̂Qᵀ (+ b) through the solved layer  ``advance``
 
     SOLVERS: gptq, lloa, lloa_soa, loaq → GPTQ towards W̃ = W + (H⁻¹R)ᵀ (``quant.loaq_target``);
     gptaq, qronos → their own solvers on H and C; rtn → round to nearest (H's diagonal for NeUQI).
@@ -206,27 +206,27 @@ class LayerQuantizer:
                 set_submodule(self.fp, sub.w_out, with_input_transforms(nn.Identity(), submodule(self.fp, sub.w_out)))
 
     # -- the sub-layer pieces -------------------------------------------------------------------
-    def _inner(self, sub: SubLayer, hq: torch.Tensor) -> torch.Tensor:
+    def inner(self, sub: SubLayer, hq: torch.Tensor) -> torch.Tensor:
         """X_hat = phi(Norm(h_hat) W_in): the input of the sub-layer's W_out (quantized stream)."""
         with self.timer("quant_forward"):
             return call_sublayer(self.quant, sub, hq, self.contexts, self.index)
 
-    def _load(self, h: SampleArray, start: int, stop: int) -> torch.Tensor:
+    def load(self, h: SampleArray, start: int, stop: int) -> torch.Tensor:
         with self.timer("read"):
             return h.read(start, stop).to(device=self.device, dtype=self.dtype)
 
-    def _clean_input(self, clean: CleanStream, position: int, start: int, stop: int) -> torch.Tensor:
+    def clean_input(self, clean: CleanStream, position: int, start: int, stop: int) -> torch.Tensor:
         """The clean residual stream in front of sub-layer ``position``: h, or h + Y_attn, ..."""
-        h = self._load(clean.h, start, stop)
+        h = self.load(clean.h, start, stop)
         for before in self.adapter.sublayers[:position]:
-            h = h + self._load(clean.out[before.name], start, stop)
+            h = h + self.load(clean.out[before.name], start, stop)
         return h
 
     @staticmethod
-    def _flat(t: torch.Tensor) -> torch.Tensor:
+    def flat(t: torch.Tensor) -> torch.Tensor:
         return t.reshape(-1, t.shape[-1]).to(torch.float32)
 
-    def _assign(self, names: tuple[str, ...], q: QuantizedWeight) -> None:
+    def assign(self, names: tuple[str, ...], q: QuantizedWeight) -> None:
         """Split a stacked quantized W_in by output rows and install it in the quantized layer."""
         row = 0
         for name in names:
@@ -245,7 +245,7 @@ class LayerQuantizer:
         return q
 
     # -- the steps of one sub-layer ------------------------------------------------------------------
-    def _w_in_stats(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
+    def w_in_stats(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
                     n_in: int) -> InputStats:
         """H = X̂ᵀX̂ and C = X̂ᵀ(X − X̂) of X = Norm(h). Norms are not quantized, so the quantized layer's
         norm serves both streams. W_in's linears read one input, each through the same transforms: the
@@ -257,11 +257,11 @@ class LayerQuantizer:
         clean_reads = self.model_transforms.get(sub.w_in[0], ())
         norm = submodule(self.quant, sub.norm)
         for start, stop in micro_batches(hq.shape[0], self.micro_batch):
-            hq_b = self._load(hq, start, stop)
-            h_b = None if clean is None else self._clean_input(clean, position, start, stop)
+            hq_b = self.load(hq, start, stop)
+            h_b = None if clean is None else self.clean_input(clean, position, start, stop)
             with self.timer("stats"):
-                xq = self._flat(apply_all(quant_reads, norm(hq_b)))
-                stats.add(None if clean is None else self._flat(apply_all(clean_reads, norm(h_b))), xq)
+                xq = self.flat(apply_all(quant_reads, norm(hq_b)))
+                stats.add(None if clean is None else self.flat(apply_all(clean_reads, norm(h_b))), xq)
         return stats
 
     def _w_out_stats(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
@@ -286,25 +286,25 @@ class LayerQuantizer:
         if math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
             cache = MemoryArray(shape=inner_shape, dtype=self.dtype)
         for start, stop in micro_batches(n, self.micro_batch):
-            hq_b = self._load(hq, start, stop)
-            xq = self._inner(sub, hq_b)
+            hq_b = self.load(hq, start, stop)
+            xq = self.inner(sub, hq_b)
             if cache is not None:
                 cache.write(start, xq)
             if clean is None:
                 with self.timer("stats"):
-                    stats.add(None, self._flat(xq))
+                    stats.add(None, self.flat(xq))
             elif self.fp is not None:
-                h_b = self._clean_input(clean, position, start, stop)
+                h_b = self.clean_input(clean, position, start, stop)
                 with self.timer("clean_forward"):
                     x = call_sublayer(self.fp, sub, h_b, self.contexts, self.index)
                 with self.timer("stats"):
-                    stats.add(self._flat(x), self._flat(xq))
+                    stats.add(self.flat(x), self.flat(xq))
             else:
-                h_b = self._clean_input(clean, position, start, stop)
-                y = self._load(clean.out[sub.name], start, stop)
+                h_b = self.clean_input(clean, position, start, stop)
+                y = self.load(clean.out[sub.name], start, stop)
                 with self.timer("stats"):
-                    flat_xq = self._flat(xq)
-                    D, s_hat = projected_difference(self._flat(h_b), self._flat(y), self._flat(hq_b), flat_xq,
+                    flat_xq = self.flat(xq)
+                    D, s_hat = projected_difference(self.flat(h_b), self.flat(y), self.flat(hq_b), flat_xq,
                                                     W_out, bias, alpha_out, beta,
                                                     self.eps if self.noa else None)
                     stats.add(flat_xq, D, s_hat)
@@ -312,12 +312,12 @@ class LayerQuantizer:
             return stats, None, stats.R, cache
         return stats, stats.C, lloa_rhs(stats.C, W_out, alpha_out), cache
 
-    def _advance(self, sub: SubLayer, hq: SampleArray, hq_next: SampleArray, Q: torch.Tensor,
+    def advance(self, sub: SubLayer, hq: SampleArray, hq_next: SampleArray, Q: torch.Tensor,
                  bias: torch.Tensor | None, cache: MemoryArray | None) -> None:
         """The quantized stream through the finished sub-layer: ĥ + X̂Qᵀ (+ b)."""
         for start, stop in micro_batches(hq.shape[0], self.micro_batch):
-            hq_b = self._load(hq, start, stop)
-            xq = self._load(cache, start, stop) if cache is not None else self._inner(sub, hq_b)
+            hq_b = self.load(hq, start, stop)
+            xq = self.load(cache, start, stop) if cache is not None else self.inner(sub, hq_b)
             with self.timer("quant_forward"):
                 out = hq_b + F.linear(xq, Q, bias)
             with self.timer("write"):
@@ -327,9 +327,9 @@ class LayerQuantizer:
     def _quantize_sublayer(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
                            hq_next: SampleArray) -> None:
         W_in = torch.cat([submodule(self.quant, name).weight for name in sub.w_in]).float()
-        stats = self._w_in_stats(position, sub, clean, hq, W_in.shape[1])
+        stats = self.w_in_stats(position, sub, clean, hq, W_in.shape[1])
         R = lloa_rhs(stats.C, W_in, self.strengths[sub.name][0])
-        self._assign(sub.w_in, self._solve(f"{sub.name}.w_in", W_in, stats, stats.C, R))
+        self.assign(sub.w_in, self._solve(f"{sub.name}.w_in", W_in, stats, stats.C, R))
         del stats, R
 
         linear = self.w_out[sub.name]
@@ -340,9 +340,9 @@ class LayerQuantizer:
         self.result.weights[sub.w_out] = q
         del stats, C, R
 
-        self._advance(sub, hq, hq_next, q.weight.to(device=self.device, dtype=self.dtype), linear.bias, cache)
+        self.advance(sub, hq, hq_next, q.weight.to(device=self.device, dtype=self.dtype), linear.bias, cache)
 
-    def _in_memory(self, arrays: list[SampleArray]) -> list[SampleArray]:
+    def in_memory(self, arrays: list[SampleArray]) -> list[SampleArray]:
         """The arrays read once into host memory when together they fit the cache budget (each is
         read by several passes), else unchanged (read per micro-batch, from the store)."""
         size = sum(math.prod(a.shape) * self.dtype.itemsize for a in arrays)
@@ -352,7 +352,7 @@ class LayerQuantizer:
         for array in arrays:
             memory = MemoryArray(shape=array.shape, dtype=self.dtype)
             for start, stop in micro_batches(array.shape[0], self.micro_batch):
-                memory.write(start, self._load(array, start, stop))
+                memory.write(start, self.load(array, start, stop))
             out.append(memory)
         return out
 
@@ -361,7 +361,7 @@ class LayerQuantizer:
         """The full-precision layer's stream (its sub-layer outputs) on input ``h_in``, in memory."""
         out = {sub.name: MemoryArray(shape=h_in.shape, dtype=self.dtype) for sub in self.adapter.sublayers}
         for start, stop in micro_batches(h_in.shape[0], self.micro_batch):
-            h = self._load(h_in, start, stop)
+            h = self.load(h_in, start, stop)
             for sub in self.adapter.sublayers:
                 linear = self.w_out[sub.name]
                 with self.timer("clean_forward"):
@@ -379,12 +379,12 @@ class LayerQuantizer:
             clean = self._fp_stream(hq_in)
         elif clean is not None and self.needs_clean:
             names = list(clean.out)
-            h, *outs = self._in_memory([clean.h, *clean.out.values()])
+            h, *outs = self.in_memory([clean.h, *clean.out.values()])
             clean = CleanStream(h, dict(zip(names, outs)))
         else:
             clean = None
         if self.gathers_statistics:
-            (hq_in,) = self._in_memory([hq_in])
+            (hq_in,) = self.in_memory([hq_in])
         hq_mid = MemoryArray(shape=hq_in.shape, dtype=self.dtype)
         first, second = self.adapter.sublayers
         self._quantize_sublayer(0, first, clean, hq_in, hq_mid)

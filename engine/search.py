@@ -66,9 +66,9 @@ class LayerSearch:
     def run(self, clean: CleanStream, hq_in: SampleArray) -> SearchResult:
         q = self.q
         names = list(clean.out)
-        h, *outs = q._in_memory([clean.h, *clean.out.values()])
+        h, *outs = q.in_memory([clean.h, *clean.out.values()])
         clean = CleanStream(h, dict(zip(names, outs)))
-        (hq_in,) = q._in_memory([hq_in])
+        (hq_in,) = q.in_memory([hq_in])
         n = hq_in.shape[0]
         n_solve, _ = self.search.split(n)
         if n_solve < 1:
@@ -88,7 +88,7 @@ class LayerSearch:
         solve_clean, held_clean = _rows(clean, 0, n_solve), _rows(clean, n_solve, n)
         solve_hq, held_hq = Rows(hq, 0, n_solve), Rows(hq, n_solve, n)
         W_in = torch.cat([submodule(q.quant, name).weight for name in sub.w_in]).float()
-        in_stats = q._w_in_stats(position, sub, solve_clean, solve_hq, W_in.shape[1])
+        in_stats = q.w_in_stats(position, sub, solve_clean, solve_hq, W_in.shape[1])
         H_in = in_stats.H.clone()  # each solve damps its H in place
         result.solver_tokens[f"{sub.name}.w_in"] = int(in_stats.n_tokens)
         linear = q.w_out[sub.name]
@@ -100,7 +100,7 @@ class LayerSearch:
             with q.timer("solve"):
                 q_in, _ = solve(W_in, SimpleNamespace(H=H_in.clone(), n_tokens=in_stats.n_tokens), in_stats.C, R_in,
                                 q.settings)
-            q._assign(sub.w_in, q_in)
+            q.assign(sub.w_in, q_in)
             out_stats = self._w_out_terms(position, sub, solve_clean, solve_hq, W_out, bias)
             result.solver_tokens[f"{sub.name}.w_out"] = int(out_stats.n_tokens)
             held_x = self._inner_all(sub, held_hq)
@@ -117,10 +117,10 @@ class LayerSearch:
         alpha, beta, _, q_in, q_out = best
         result.choice[sub.name] = (alpha, beta)
         result.scores[sub.name] = scores
-        q._assign(sub.w_in, q_in)
+        q.assign(sub.w_in, q_in)
         result.weights.update({name: q.result.weights[name] for name in sub.w_in})
         result.weights[sub.w_out] = q_out
-        q._advance(sub, hq, hq_next, q_out.weight.to(device=q.device, dtype=q.dtype), linear.bias, None)
+        q.advance(sub, hq, hq_next, q_out.weight.to(device=q.device, dtype=q.dtype), linear.bias, None)
 
     def _w_out_terms(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, W_out: torch.Tensor,
                      bias: torch.Tensor | None) -> ProjectedTermStats:
@@ -129,11 +129,11 @@ class LayerSearch:
         stats = ProjectedTermStats(W_out.shape[1], W_out.shape[0], device=q.device)
         eps = q.eps if q.terms.noa else None
         for start, stop in micro_batches(hq.shape[0], q.micro_batch):
-            hq_b = q._load(hq, start, stop)
-            xq = q._flat(q._inner(sub, hq_b))
-            h_b = q._flat(q._clean_input(clean, position, start, stop))
-            y = q._flat(q._load(clean.out[sub.name], start, stop))
-            hq_f = q._flat(hq_b)
+            hq_b = q.load(hq, start, stop)
+            xq = q.flat(q.inner(sub, hq_b))
+            h_b = q.flat(q.clean_input(clean, position, start, stop))
+            y = q.flat(q.load(clean.out[sub.name], start, stop))
+            hq_f = q.flat(hq_b)
             with q.timer("stats"):
                 D_lloa, s_hat = projected_difference(h_b, y, hq_f, xq, W_out, bias, 1.0, 0.0, eps)
                 D_soa, _ = projected_difference(h_b, y, hq_f, xq, W_out, bias, 0.0, 1.0, eps)
@@ -142,7 +142,7 @@ class LayerSearch:
 
     def _inner_all(self, sub: SubLayer, hq: SampleArray) -> list[torch.Tensor]:
         q = self.q
-        return [q._inner(sub, q._load(hq, start, stop)) for start, stop in micro_batches(hq.shape[0], q.micro_batch)]
+        return [q.inner(sub, q.load(hq, start, stop)) for start, stop in micro_batches(hq.shape[0], q.micro_batch)]
 
     def _score(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, xs: list[torch.Tensor],
                Q: torch.Tensor, bias: torch.Tensor | None) -> float:
@@ -151,9 +151,9 @@ class LayerSearch:
         err = ref = 0.0
         Q = Q.to(device=q.device, dtype=q.dtype)
         for x, (start, stop) in zip(xs, micro_batches(hq.shape[0], q.micro_batch)):
-            u = q._clean_input(clean, position, start, stop) + q._load(clean.out[sub.name], start, stop)
-            uq = q._load(hq, start, stop) + F.linear(x, Q, bias)
+            u = q.clean_input(clean, position, start, stop) + q.load(clean.out[sub.name], start, stop)
+            uq = q.load(hq, start, stop) + F.linear(x, Q, bias)
             with q.timer("score"):
-                e, r = normalised_output_error(q._flat(u), q._flat(uq), q.eps)
+                e, r = normalised_output_error(q.flat(u), q.flat(uq), q.eps)
             err, ref = err + e, ref + r
         return err / ref if ref else 0.0

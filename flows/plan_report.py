@@ -35,7 +35,7 @@ def plan_table(config: RunConfig) -> tuple[Plan, list[str]]:
              f"{s.heads}/{s.kv_heads} heads, vocab {s.vocab}; weights on disk {gib(s.weights_on_disk())}",
              f"calibration {w.samples} x {w.seqlen} tokens, runtime {w.dtype_bytes * 8}-bit streams, "
              f"micro-batch {w.micro_batch}, {'device' if w.on_device else 'cpu'}; {config.quantize.method} "
-             f"{config.quantize.scheme}; keep_clean_states={config.store.keep_clean_states} "
+             f"{config.quantize.scheme}{' search' if config.quantize.search else ''}; keep_clean_states={config.store.keep_clean_states} "
              f"keep_quant_states={config.store.keep_quant_states}",
              "",
              f"| {'stage':<14} | {'count':>5} | {'complete':>8} | {'written':>11} | {'kept':>11} | {'peak host':>11} "
