@@ -170,8 +170,10 @@ def layer_seconds(store_url: Path, run_ids: list[str]) -> dict[str, list[float]]
     return out
 
 
-def run_id(text: str) -> str | None:
-    return next((l.split(": ", 1)[1].strip() for l in text.splitlines() if l.startswith("run id: ")), None)
+def run_ids(store_url: Path) -> set[str]:
+    from loaq.store import Store
+
+    return {e["run_id"] for e in Store(str(store_url)).events()} if (store_url / "events").exists() else set()
 
 
 def main() -> int:
@@ -212,12 +214,14 @@ def _bench(args, shape: dict, root: Path) -> int:
         config = write_config(root / f"{method}.yaml", model, store, args, method, shape["runtime_dtype"])
         plan = planned(config)
         kept.update(plan["kept"])
+        before = run_ids(store)
         result = loaq_run(config, {"LOAQ_FAILPOINT": failpoint} if failpoint else None)
         expect_rc = -signal.SIGKILL if failpoint else 0
         if result["rc"] != expect_rc:
             print(result["output"][-4000:])
             raise SystemExit(f"{method} {situation}: exit {result['rc']}, expected {expect_rc}")
-        rid = run_id(result["output"])
+        # From the event log: a killed run never prints its id.
+        rid = next(iter(run_ids(store) - before), None)
         run_ids += [rid] if rid else []
         seconds = layer_seconds(store, [rid]) if rid else {}
         records = store_bytes(store / "records")
