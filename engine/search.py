@@ -4,24 +4,24 @@ What runs when (``LayerSearch.run``; one decoder layer, its sub-layers in order)
 
     split the windows: solve = the first ones, held out = the last (``SearchConfig.split``)
     for each sub-layer h + phi(Norm(h) W_in) W_out:
-        1. W_in statistics H, C on the solve windows                 once
-        2. for each alpha: solve W_in (R = alpha·C·Wᵀ), then W_out's   once per alpha
-           H and both parts of R (LLOA, SOA) on the solve windows
-        3. for each beta: solve W_out on R = alpha·R_lloa + beta·R_soa once per (alpha, beta)
-           and score it on the held-out windows (``normalised_output_error``)
+        1. W_in statistics H, C on the solve windows; one GPTQ of every alpha's W_in target
+        2. for each alpha: X̂ = phi(Norm(ĥ) W_in) on every window, W_out's H and both parts of its
+           R (LLOA, SOA) on the solve windows; one GPTQ of every beta's target R = alpha·R_lloa + beta·R_soa
+        3. score each (alpha, beta) on the held-out windows (``normalised_output_error``)
         4. keep the best pair; advance the quantized stream (all windows) through its weights
 
-The choice is greedy per sub-layer: the MLP is searched on the quantized stream that the chosen
-attention produces, so a layer costs len(alpha) W_in solves and forwards per sub-layer plus
-len(alpha)·len(beta) W_out solves, not a product over sub-layers. The search's weights are
-thrown away: the stage then quantizes the layer on all windows with the chosen values, exactly as
-a run configured with them does (its records are that run's records).
+GPTQ quantizes the rows of W independently given H, so the candidates that share an H share one
+column loop, their targets stacked row-wise. The choice is greedy per sub-layer: the MLP is searched
+on the quantized stream that the chosen attention produces, so a layer costs len(alpha) forwards of
+each sub-layer, not a product over sub-layers. The search's weights are thrown away: the stage then
+quantizes the layer on all windows with the chosen values, exactly as a run configured with them does
+(its records are that run's records).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -29,10 +29,11 @@ import torch.nn.functional as F
 from loaq.configs.schema import SearchConfig
 from loaq.models.adapters import SubLayer
 from loaq.models.layers import submodule
-from loaq.quant import ProjectedTermStats, QuantizedWeight, lloa_rhs, normalised_output_error, projected_difference
+from loaq.quant import (ProjectedTermStats, QuantizedWeight, damp_hessian, gptq, lloa_rhs, loaq_target,
+                        normalised_output_error, projected_difference)
 
 from .arrays import MemoryArray, Rows, SampleArray, micro_batches
-from .layer import CleanStream, LayerQuantizer, solve
+from .layer import CleanStream, LayerQuantizer, take_rows
 
 
 @dataclass
@@ -86,74 +87,101 @@ class LayerSearch:
                   n_solve: int, result: SearchResult) -> None:
         q, n = self.q, hq.shape[0]
         solve_clean, held_clean = _rows(clean, 0, n_solve), _rows(clean, n_solve, n)
-        solve_hq, held_hq = Rows(hq, 0, n_solve), Rows(hq, n_solve, n)
+        held_hq = Rows(hq, n_solve, n)
         W_in = torch.cat([submodule(q.quant, name).weight for name in sub.w_in]).float()
-        in_stats = q.w_in_stats(position, sub, solve_clean, solve_hq, W_in.shape[1])
-        H_in = in_stats.H.clone()  # each solve damps its H in place
+        in_stats = q.w_in_stats(position, sub, solve_clean, Rows(hq, 0, n_solve), W_in.shape[1])
         result.solver_tokens[f"{sub.name}.w_in"] = int(in_stats.n_tokens)
         linear = q.w_out[sub.name]
         W_out, bias = linear.weight.float(), None if linear.bias is None else linear.bias.float()
 
+        alphas = list(dict.fromkeys(a for a, _ in self.candidates))
+        q_ins = self._solve_stacked(W_in, in_stats.H, [lloa_rhs(in_stats.C, W_in, a) for a in alphas])
+        del in_stats
         best, scores = None, []
-        for alpha in dict.fromkeys(a for a, _ in self.candidates):
-            R_in = lloa_rhs(in_stats.C, W_in, alpha)
-            with q.timer("solve"):
-                q_in, _ = solve(W_in, SimpleNamespace(H=H_in.clone(), n_tokens=in_stats.n_tokens), in_stats.C, R_in,
-                                q.settings)
+        for alpha, q_in in zip(alphas, q_ins):
             q.assign(sub.w_in, q_in)
-            out_stats = self._w_out_terms(position, sub, solve_clean, solve_hq, W_out, bias)
+            out_stats, x_all = self._w_out_terms(position, sub, clean, hq, n_solve, W_out, bias)
             result.solver_tokens[f"{sub.name}.w_out"] = int(out_stats.n_tokens)
-            held_x = self._inner_all(sub, held_hq)
-            for a, beta in self.candidates:
-                if a != alpha:
-                    continue
-                with q.timer("solve"):
-                    q_out, _ = solve(W_out, SimpleNamespace(H=out_stats.H.clone(), n_tokens=out_stats.n_tokens), None,
-                                     out_stats.R(alpha, beta), q.settings)
-                score = self._score(position, sub, held_clean, held_hq, held_x, q_out.weight, linear.bias)
+            betas = [b for a, b in self.candidates if a == alpha]
+            q_outs = self._solve_stacked(W_out, out_stats.H, [out_stats.R(alpha, b) for b in betas])
+            del out_stats
+            for beta, q_out in zip(betas, q_outs):
+                score = self._score(position, sub, held_clean, held_hq, Rows(x_all, n_solve, n), q_out.weight,
+                                    linear.bias)
                 scores.append((alpha, beta, score))
                 if best is None or score < best[2]:
-                    best = (alpha, beta, score, q_in, q_out)
-        alpha, beta, _, q_in, q_out = best
+                    best = (alpha, beta, score, q_in, q_out, x_all)
+        alpha, beta, _, q_in, q_out, x_all = best
         result.choice[sub.name] = (alpha, beta)
         result.scores[sub.name] = scores
         q.assign(sub.w_in, q_in)
         result.weights.update({name: q.result.weights[name] for name in sub.w_in})
         result.weights[sub.w_out] = q_out
-        q.advance(sub, hq, hq_next, q_out.weight.to(device=q.device, dtype=q.dtype), linear.bias, None)
+        cache = x_all if isinstance(x_all, MemoryArray) else None
+        q.advance(sub, hq, hq_next, q_out.weight.to(device=q.device, dtype=q.dtype), linear.bias, cache)
 
-    def _w_out_terms(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, W_out: torch.Tensor,
-                     bias: torch.Tensor | None) -> ProjectedTermStats:
-        """W_out's H and the two parts of its R on ``hq``'s windows, through the W_in now installed."""
+    def _solve_stacked(self, W: torch.Tensor, H: torch.Tensor, rhs: list) -> list[QuantizedWeight]:
+        """GPTQ of every candidate's target W + (H⁻¹R)ᵀ in one call: GPTQ treats the rows of W
+        independently given H, so the targets stacked row-wise share one column loop."""
         q = self.q
+        with q.timer("solve"):
+            hessian = damp_hessian(H.clone(), q.settings.percdamp, overwrite=True)
+            targets = [loaq_target(W, hessian, R) for R in rhs]
+            hessian.drop_factor()
+            stacked = gptq(torch.cat(targets), hessian, q.settings.spec, **q.settings.options).qweight
+        rows = W.shape[0]
+        return [take_rows(stacked, i * rows, (i + 1) * rows) for i in range(len(targets))]
+
+    def _w_out_terms(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, n_solve: int,
+                     W_out: torch.Tensor, bias: torch.Tensor | None) -> tuple[ProjectedTermStats, SampleArray]:
+        """W_out's H and the two parts of its R on the solve windows (the first ``n_solve``), through
+        the W_in now installed; and W_out's input on every window (in memory within the budget, else
+        recomputed when read)."""
+        q, n = self.q, hq.shape[0]
         stats = ProjectedTermStats(W_out.shape[1], W_out.shape[0], device=q.device)
         eps = q.eps if q.terms.noa else None
-        for start, stop in micro_batches(hq.shape[0], q.micro_batch):
+        inner_shape = (n, *hq.shape[1:-1], W_out.shape[1])
+        x_all = (MemoryArray(shape=inner_shape, dtype=q.dtype)
+                 if math.prod(inner_shape) * q.dtype.itemsize <= q.cache_bytes else _Inner(q, sub, hq, inner_shape))
+        for start, stop in micro_batches(n, q.micro_batch):
             hq_b = q.load(hq, start, stop)
-            xq = q.flat(q.inner(sub, hq_b))
-            h_b = q.flat(q.clean_input(clean, position, start, stop))
-            y = q.flat(q.load(clean.out[sub.name], start, stop))
-            hq_f = q.flat(hq_b)
+            x = q.inner(sub, hq_b)
+            if isinstance(x_all, MemoryArray):
+                x_all.write(start, x)
+            if start >= n_solve:
+                continue
+            keep = min(stop, n_solve) - start  # a micro-batch across the split: its solve windows only
+            xq = q.flat(x[:keep])
+            h_b = q.flat(q.clean_input(clean, position, start, start + keep))
+            y = q.flat(q.load(clean.out[sub.name], start, start + keep))
+            hq_f = q.flat(hq_b[:keep])
             with q.timer("stats"):
                 D_lloa, s_hat = projected_difference(h_b, y, hq_f, xq, W_out, bias, 1.0, 0.0, eps)
                 D_soa, _ = projected_difference(h_b, y, hq_f, xq, W_out, bias, 0.0, 1.0, eps)
                 stats.add(xq, D_lloa, D_soa, s_hat)
-        return stats
+        return stats, x_all
 
-    def _inner_all(self, sub: SubLayer, hq: SampleArray) -> list[torch.Tensor]:
-        q = self.q
-        return [q.inner(sub, q.load(hq, start, stop)) for start, stop in micro_batches(hq.shape[0], q.micro_batch)]
-
-    def _score(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, xs: list[torch.Tensor],
+    def _score(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, x: SampleArray,
                Q: torch.Tensor, bias: torch.Tensor | None) -> float:
         """The objective on the held-out windows: the sub-layer's RMS-normalised output error."""
         q = self.q
         err = ref = 0.0
         Q = Q.to(device=q.device, dtype=q.dtype)
-        for x, (start, stop) in zip(xs, micro_batches(hq.shape[0], q.micro_batch)):
+        for start, stop in micro_batches(hq.shape[0], q.micro_batch):
             u = q.clean_input(clean, position, start, stop) + q.load(clean.out[sub.name], start, stop)
-            uq = q.load(hq, start, stop) + F.linear(x, Q, bias)
+            uq = q.load(hq, start, stop) + F.linear(q.load(x, start, stop), Q, bias)
             with q.timer("score"):
                 e, r = normalised_output_error(q.flat(u), q.flat(uq), q.eps)
             err, ref = err + e, ref + r
         return err / ref if ref else 0.0
+
+
+class _Inner:
+    """W_out's input X̂ = phi(Norm(ĥ) W_in) of ``hq``'s windows, recomputed when read (the search's
+    stand-in for a cache that does not fit the host budget)."""
+
+    def __init__(self, quantizer: LayerQuantizer, sub: SubLayer, hq: SampleArray, shape: tuple[int, ...]):
+        self.q, self.sub, self.hq, self.shape = quantizer, sub, hq, shape
+
+    def read(self, start: int, stop: int) -> torch.Tensor:
+        return self.q.inner(self.sub, self.q.load(self.hq, start, stop))
