@@ -2,10 +2,12 @@
 
 For each width: GPTQ (which also computes the clean stream and the FP evaluation every row
 shares), then LoaQ with ``quantize.search`` over the grid, then LoaQ with each fixed pair of the
-grid, all on one fresh store and in this one process. Every quantized layer is computed here
-(nothing is reused across rows: the search runs before the fixed pairs and keeps no state behind
-its last layer), so ``quantize s`` (the seconds of the layer-search and quantize-layer stages) compares
-like with like, and the search's cost is given as a multiple of the median fixed pair of the same run.
+grid, all on one fresh store and in this one process. Every quantized layer is computed here (the
+search runs before the fixed pairs and keeps no state behind its last layer; a row that reused a
+layer is marked and left out of the cost), and ``quantize s`` is the seconds of the layer-search
+and quantize-layer stages, with the search's as a multiple of the median fixed pair's. The rows run
+one after another, so a change in the machine's load between them moves that ratio:
+``bench/search_cost.py`` interleaves the two on a few layers for the cost alone.
 Writes ``bench/results/search.{json,md}`` and ``search_w<bits>.png`` (the chosen alpha and beta per
 layer beside the drift of the search and of the best fixed pair).
 
