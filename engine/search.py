@@ -30,7 +30,7 @@ from loaq.configs.schema import SearchConfig
 from loaq.models.adapters import SubLayer
 from loaq.models.layers import submodule
 from loaq.quant import (ProjectedTermStats, QuantizedWeight, damp_hessian, gptq, lloa_rhs, loaq_target,
-                        normalised_output_error, projected_difference)
+                        normalised_output_error, projected_terms)
 
 from .arrays import MemoryArray, Rows, SampleArray, micro_batches
 from .layer import CleanStream, LayerQuantizer, take_rows
@@ -103,7 +103,7 @@ class LayerSearch:
             out_stats, x_all = self._w_out_terms(position, sub, clean, hq, n_solve, W_out, bias)
             result.solver_tokens[f"{sub.name}.w_out"] = int(out_stats.n_tokens)
             betas = [b for a, b in self.candidates if a == alpha]
-            q_outs = self._solve_stacked(W_out, out_stats.H, [out_stats.R(alpha, b) for b in betas])
+            q_outs = self._solve_stacked(W_out, out_stats.H, [out_stats.rhs(alpha, b) for b in betas])
             del out_stats
             for beta, q_out in zip(betas, q_outs):
                 score = self._score(position, sub, held_clean, held_hq, Rows(x_all, n_solve, n), q_out.weight,
@@ -156,8 +156,7 @@ class LayerSearch:
             y = q.flat(q.load(clean.out[sub.name], start, start + keep))
             hq_f = q.flat(hq_b[:keep])
             with q.timer("stats"):
-                D_lloa, s_hat = projected_difference(h_b, y, hq_f, xq, W_out, bias, 1.0, 0.0, eps)
-                D_soa, _ = projected_difference(h_b, y, hq_f, xq, W_out, bias, 0.0, 1.0, eps)
+                D_lloa, D_soa, s_hat = projected_terms(h_b, y, hq_f, xq, W_out, bias, eps)
                 stats.add(xq, D_lloa, D_soa, s_hat)
         return stats, x_all
 

@@ -153,9 +153,9 @@ def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
             quant_input = p.embedding if index == 0 else chain[index - 1]
             if q.search is not None:
                 # The layer's strengths are chosen first; its key follows from them.
-                key = reuse_or_run(ctx, "layer-search", search_key(quant_input, q, index),
-                                   lambda: search_layer_stage(ctx, model, index, q, search_key(quant_input, q, index),
-                                                              quant_input, clean[index], clean[index + 1]))
+                key = search_key(quant_input, q, index)
+                reuse_or_run(ctx, "layer-search", key, lambda: search_layer_stage(
+                    ctx, model, index, q, key, quant_input, clean[index], clean[index + 1]))
                 q = resolve(ctx.store, q, index, key)
                 chain[index] = layer_key(quant_input, q, index)
             quantize_layer_stage(ctx, model, index, q, p.variant, chain[index], quant_input,

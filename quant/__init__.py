@@ -25,7 +25,7 @@ from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
 from .stats import (InputStats, ProjectedOutputStats, ProjectedTermStats, noa_factors, normalised_output_error,
-                    projected_difference)
+                    projected_difference, projected_terms)
 from .targets import MismatchProduct, lloa_rhs, loaq_target
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "ProjectedOutputStats",
     "ProjectedTermStats",
     "projected_difference",
+    "projected_terms",
     "QuantSpec",
     "QuantizedWeight",
     "MismatchProduct",

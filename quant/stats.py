@@ -123,6 +123,15 @@ def noa_factors(u: torch.Tensor, uq: torch.Tensor, eps: float | None) -> tuple[t
     return token_rms_factor(u, eps)[:, None], token_rms_factor(uq, eps)[:, None]
 
 
+def _output_streams(h, y, hq, xq, W, bias, eps):
+    """h + b, ĥ + b, u = h + Y, û = ĥ + b + X̂Wᵀ (one matmul) and the NOA factors s, ŝ of u, û."""
+    hb, hqb = (h, hq) if bias is None else (h + bias, hq + bias)
+    u = h + y
+    uq = torch.addmm(hqb, xq, W.T)
+    s, sq = noa_factors(u, uq, eps)
+    return hb, hqb, u, uq, s, sq
+
+
 def projected_difference(
     h: torch.Tensor,
     y: torch.Tensor,
@@ -147,15 +156,32 @@ def projected_difference(
     is how it is computed: û comes from the matmul that makes Ŷ (addmm) and each term is one fused
     multiply-add over (t, out), which runs on every token of every W_out.
     """
-    hb, hqb = (h, hq) if bias is None else (h + bias, hq + bias)
-    u = h + y
-    uq = torch.addmm(hqb, xq, W.T)  # ĥ + b + X̂Wᵀ
-    s, sq = noa_factors(u, uq, eps)
+    hb, hqb, u, uq, s, sq = _output_streams(h, y, hq, xq, W, bias, eps)
     D = u.mul_(s * alpha)  # u is ours: scaled in place
     D.addcmul_(uq, sq, value=-alpha)
     if beta != alpha:
         D.addcmul_(hb, s, value=beta - alpha).addcmul_(hqb, sq, value=alpha - beta)
     return D, (None if eps is None else sq[:, 0])
+
+
+def projected_terms(
+    h: torch.Tensor,
+    y: torch.Tensor,
+    hq: torch.Tensor,
+    xq: torch.Tensor,
+    W: torch.Tensor,
+    bias: torch.Tensor | None,
+    eps: float | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(D_lloa, D_soa, ŝ): ``projected_difference``'s D at (α, β) = (1, 0) and (0, 1), from one
+    X̂Wᵀ, so that D(α, β) = α·D_lloa + β·D_soa for any pair; arguments as there.
+
+        D_soa = s·(h + b) − ŝ·(ĥ + b),   D_lloa = s·u − ŝ·û − D_soa   (u = h + Y, û = ĥ + Ŷ)
+    """
+    hb, hqb, u, uq, s, sq = _output_streams(h, y, hq, xq, W, bias, eps)
+    D_soa = hb * s - hqb * sq
+    D_lloa = u.mul_(s).sub_(uq.mul_(sq)).sub_(D_soa)
+    return D_lloa, D_soa, (None if eps is None else sq[:, 0])
 
 
 def normalised_output_error(u: torch.Tensor, uq: torch.Tensor, eps: float) -> tuple[float, float]:
@@ -165,37 +191,6 @@ def normalised_output_error(u: torch.Tensor, uq: torch.Tensor, eps: float) -> tu
     s, sq = noa_factors(u, uq, eps)
     ref = u * s
     return float((ref - uq * sq).square().sum()), float(ref.square().sum())
-
-
-class ProjectedTermStats:
-    """``ProjectedOutputStats`` with the LLOA and SOA parts of R kept apart, for trying several
-    (α, β) on one pass over the tokens: R(α, β) = α·R_lloa + β·R_soa, since D is linear in (α, β).
-    The NOA factors weight H and both parts alike."""
-
-    def __init__(self, n_in: int, n_out: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
-        self.lloa = ProjectedOutputStats(n_in, n_out, compute_dtype=compute_dtype, device=device)
-        self._R_soa = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
-
-    def add(self, Xq: torch.Tensor, D_lloa: torch.Tensor, D_soa: torch.Tensor, sq: torch.Tensor | None = None) -> None:
-        """Xq: (..., in); D_lloa, D_soa: (..., out), the D of (α, β) = (1, 0) and (0, 1); sq as in ``add``."""
-        self.lloa.add(Xq, D_lloa, sq)
-        stats = self.lloa
-        Xq = _as_tokens(Xq, stats.n_in, "Xq").to(device=self._R_soa.device, dtype=stats.compute_dtype)
-        if sq is not None:
-            Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(Xq)[:, None] * Xq
-        self._R_soa += Xq.T @ _as_tokens(D_soa, stats.n_out, "D_soa").to(Xq)
-
-    @property
-    def H(self) -> torch.Tensor:
-        return self.lloa.H
-
-    @property
-    def n_tokens(self) -> int:
-        return self.lloa.n_tokens
-
-    def R(self, alpha: float, beta: float) -> torch.Tensor:
-        """R of (α, β), (in, out) float64."""
-        return self.lloa.R * alpha + self._R_soa * beta
 
 
 class ProjectedOutputStats:
@@ -220,16 +215,22 @@ class ProjectedOutputStats:
 
     def add(self, Xq: torch.Tensor, D: torch.Tensor, sq: torch.Tensor | None = None) -> None:
         """Xq: (..., in) quantized-stream input of W_out; D: (..., out) as above; sq: (...,) or None."""
-        dev, dt = self._H.device, self.compute_dtype
-        Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=dev, dtype=dt)
-        D = _as_tokens(D, self.n_out, "D").to(device=dev, dtype=dt)
-        if Xq.shape[0] != D.shape[0]:
-            raise ValueError(f"Xq has {Xq.shape[0]} tokens but D has {D.shape[0]}")
-        if sq is not None:
-            Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(device=dev, dtype=dt)[:, None] * Xq
+        Xq, (D,) = self._tokens(Xq, (D,), sq)
         self._H.add(Xq)
         self._R += Xq.T @ D
         self.n_tokens += Xq.shape[0]
+
+    def _tokens(self, Xq: torch.Tensor, Ds: tuple[torch.Tensor, ...], sq: torch.Tensor | None
+                ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Xq (tokens, in) weighted by ŝ and each D (tokens, out), in the compute dtype on H's device."""
+        dev, dt = self._H.device, self.compute_dtype
+        Xq = _as_tokens(Xq, self.n_in, "Xq").to(device=dev, dtype=dt)
+        Ds = tuple(_as_tokens(D, self.n_out, "D").to(device=dev, dtype=dt) for D in Ds)
+        if any(D.shape[0] != Xq.shape[0] for D in Ds):
+            raise ValueError(f"Xq has {Xq.shape[0]} tokens but D has {Ds[0].shape[0]}")
+        if sq is not None:
+            Xq = _as_token_scale(sq, Xq.shape[0], "sq").to(device=dev, dtype=dt)[:, None] * Xq
+        return Xq, Ds
 
     @property
     def H(self) -> torch.Tensor:
@@ -238,3 +239,25 @@ class ProjectedOutputStats:
     @property
     def R(self) -> torch.Tensor:
         return self._R
+
+
+class ProjectedTermStats(ProjectedOutputStats):
+    """``ProjectedOutputStats`` with the LLOA and SOA parts of R kept apart, for trying several
+    (α, β) on one pass over the tokens: R(α, β) = α·R_lloa + β·R_soa, since D is linear in (α, β)
+    (``projected_terms``). The NOA factors weight H and both parts alike."""
+
+    def __init__(self, n_in: int, n_out: int, *, compute_dtype: torch.dtype = torch.float32, device=None) -> None:
+        super().__init__(n_in, n_out, compute_dtype=compute_dtype, device=device)
+        self._R_soa = torch.zeros(n_in, n_out, dtype=torch.float64, device=device)
+
+    def add(self, Xq: torch.Tensor, D_lloa: torch.Tensor, D_soa: torch.Tensor, sq: torch.Tensor | None = None) -> None:
+        """Xq: (..., in); D_lloa, D_soa: (..., out), the D of (α, β) = (1, 0) and (0, 1); sq as in ``add``."""
+        Xq, (D_lloa, D_soa) = self._tokens(Xq, (D_lloa, D_soa), sq)
+        self._H.add(Xq)
+        self._R += Xq.T @ D_lloa
+        self._R_soa += Xq.T @ D_soa
+        self.n_tokens += Xq.shape[0]
+
+    def rhs(self, alpha: float, beta: float) -> torch.Tensor:
+        """R of (α, β), (in, out) float64."""
+        return self._R * alpha + self._R_soa * beta

@@ -84,6 +84,25 @@ class _MeteredArray:
         self.meter.add(self.clean.read(start, start + values.shape[0]), values)
 
 
+def stored_layer(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, quant_input_key: str,
+                 clean_input_key: str, clean_output_key: str
+                 ) -> tuple[LayerQuantizer, CleanStream, RecordArray, RecordArray]:
+    """Layer ``index``'s quantizer and its streams from the store: the clean stream through it, the
+    quantized stream's input, and the clean output."""
+    rt = ctx.runtime
+    checkpoint = model.open()
+    hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
+    clean_record = ctx.store.open(clean_output_key)
+    clean = CleanStream(RecordArray(ctx.store.open(clean_input_key), HIDDEN),
+                        {sub.name: RecordArray(clean_record, sublayer_output(sub.name))
+                         for sub in checkpoint.adapter.sublayers})
+    contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
+    quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
+                               contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch,
+                               input_transforms=checkpoint.input_transforms(index))
+    return quantizer, clean, hq_in, RecordArray(clean_record, HIDDEN)
+
+
 @task(name="quantize-layer", cache_policy=NONE)
 def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, chain_id: str,
                          chain_key: str, quant_input_key: str, clean_input_key: str, clean_output_key: str) -> str:
@@ -95,18 +114,9 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
     rt = ctx.runtime
     started = time.perf_counter()
     failpoint(f"quantize-layer:{index}:before")
-    checkpoint = model.open()
-    hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
-    clean_record = ctx.store.open(clean_output_key)
-    clean_out = RecordArray(clean_record, HIDDEN)
-    clean = CleanStream(RecordArray(ctx.store.open(clean_input_key), HIDDEN),
-                        {sub.name: RecordArray(clean_record, sublayer_output(sub.name))
-                         for sub in checkpoint.adapter.sublayers})
+    quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
+                                                      clean_output_key)
     meter = DivergenceMeter(outlier_threshold(clean_out, micro_batch=rt.micro_batch))
-    contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
-    quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
-                               contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch,
-                               input_transforms=checkpoint.input_transforms(index))
     # `chain` names the variant (root + config) so retention can keep only its last layer's states.
     attrs = {"layer": index, "chain": chain_id, "method": cfg.method}
     with ctx.store.writer(chain_key, kind="quant_state", attrs=attrs, overwrite=True) as w:

@@ -14,14 +14,11 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from loaq.configs.schema import SUBLAYERS, LayerSetting, QuantizeConfig, Strengths
-from loaq.engine.layer import CleanStream, LayerQuantizer
 from loaq.engine.search import LayerSearch
-from loaq.models.layers import ContextFactory
 
-from .arrays import RecordArray
 from .context import StageContext, failpoint
 from .model import ModelRef
-from .streams import HIDDEN, sublayer_output
+from .quantize import stored_layer
 
 
 def choice_setting(choice: dict) -> LayerSetting:
@@ -42,19 +39,10 @@ def resolve(store, cfg: QuantizeConfig, index: int, key: str) -> QuantizeConfig:
 def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, key: str,
                        quant_input_key: str, clean_input_key: str, clean_output_key: str) -> str:
     """Search layer ``index``'s strengths; returns ``key`` (its record complete)."""
-    rt = ctx.runtime
     started = time.perf_counter()
     failpoint(f"layer-search:{index}:before")
-    checkpoint = model.open()
-    clean_record = ctx.store.open(clean_output_key)
-    clean = CleanStream(RecordArray(ctx.store.open(clean_input_key), HIDDEN),
-                        {sub.name: RecordArray(clean_record, sublayer_output(sub.name))
-                         for sub in checkpoint.adapter.sublayers})
-    hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
-    contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
-    quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
-                               contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch,
-                               input_transforms=checkpoint.input_transforms(index))
+    quantizer, clean, hq_in, _ = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
+                                              clean_output_key)
     result = LayerSearch(quantizer, cfg.search).run(clean, hq_in)
     seqlen = hq_in.shape[1]
     attrs = {"layer": index, "choice": {k: list(v) for k, v in result.choice.items()},

@@ -195,3 +195,19 @@ def test_bad_per_layer_settings_fail_in_one_line(tmp_path, searched, shared_data
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert message in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_the_two_term_parts_sum_to_any_pairs_difference(eps):
+    """``projected_terms`` is ``projected_difference`` split by term: α·D_lloa + β·D_soa = D(α, β)."""
+    from loaq.quant import projected_difference, projected_terms
+
+    g = torch.Generator().manual_seed(0)
+    h, y, hq = (torch.randn(50, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    xq, W, bias = (torch.randn(50, 12, generator=g, dtype=torch.float64),
+                   torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randn(8, generator=g, dtype=torch.float64))
+    D_lloa, D_soa, s_hat = projected_terms(h, y, hq, xq, W, bias, eps)
+    for alpha, beta in ((0.5, 0.25), (0.75, 0.0), (0.25, 0.5)):
+        D, expected_s_hat = projected_difference(h, y, hq, xq, W, bias, alpha, beta, eps)
+        torch.testing.assert_close(alpha * D_lloa + beta * D_soa, D, rtol=1e-12, atol=1e-12)
+        assert (s_hat is None) == (expected_s_hat is None)
