@@ -66,18 +66,19 @@ class LayerSetting(Strengths):
 
 
 class SearchConfig(Strict):
-    """Per-layer (alpha, beta) chosen by the data: for each sub-layer of each layer in turn, every
-    candidate pair (alpha_in = alpha_out = alpha) is solved on the calibration windows that are not
-    held out and scored on the held-out ones; the best is kept and the layer is then quantized on all
-    windows as an ordinary run with those values would quantize it."""
+    """Per-layer (alpha_out, beta) chosen by the data: for each sub-layer of each layer in turn, W_in is
+    quantized as the run quantizes it (its alpha_in), every candidate W_out is solved on the calibration
+    windows and scored on held-out windows that no solve of any layer sees; the best is kept, and the
+    layer is quantized as an ordinary run with those values quantizes it."""
 
-    alpha: tuple[float, ...] = Field((0.25, 0.5, 0.75), min_length=1, description="candidate alpha values")
+    alpha: tuple[float, ...] = Field((0.25, 0.5, 0.75), min_length=1, description="candidate alpha_out values")
     beta: tuple[float, ...] = Field((0.0, 0.25, 0.5), min_length=1, description="candidate beta values")
     objective: Literal["noa"] = Field(
         "noa", description="noa: the sub-layer's RMS-normalised output error on the held-out windows, "
         "sum ||s(h + Y) - s_hat(h_hat + Y_hat)||^2 / sum ||s(h + Y)||^2 (the paper's eq. 12 quantity)")
-    holdout: float = Field(0.25, gt=0, lt=1, description="share of the calibration windows held out for the "
-                           "objective (the last ones of the seeded draw); the solves of the search never see them")
+    holdout: float = Field(0.25, gt=0, le=4, description="held-out windows as a share of calibration.n_samples: "
+                           "drawn after the calibration windows by the same rule, overlapping none of them, and "
+                           "carried through every layer in both streams")
 
     @field_validator("alpha", "beta")
     @classmethod
@@ -87,13 +88,12 @@ class SearchConfig(Strict):
         return tuple(dict.fromkeys(v))
 
     def candidates(self) -> list[tuple[float, float]]:
-        """(alpha, beta) pairs in a fixed order: the first of equal scores wins."""
+        """(alpha_out, beta) pairs in a fixed order: the first of equal scores wins."""
         return [(a, b) for a in self.alpha for b in self.beta]
 
-    def split(self, n_windows: int) -> tuple[int, int]:
-        """(solve windows, held-out windows) of ``n_windows``: the held-out ones are the last."""
-        held = max(1, round(self.holdout * n_windows))
-        return n_windows - held, held
+    def held_windows(self, n_samples: int) -> int:
+        """How many held-out windows go with ``n_samples`` calibration windows."""
+        return max(1, round(self.holdout * n_samples))
 
 
 class QuantizeConfig(Strict):

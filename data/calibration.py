@@ -31,6 +31,10 @@ Rule (``rng = random.Random(spec.seed)``, a private generator; global RNG state 
    sample: ``start = rng.randint(0, len(stream) - seqlen)``; the sample is
    ``stream[start : start + seqlen]``. Windows may overlap and may span document boundaries.
 
+5. **Held-out windows** (``sample_holdout``, for the per-layer search): the draws continue the same
+   rng after the ``n_samples`` calibration windows, by the same mode; a draw that shares a token
+   position with an earlier window (same doc or stream, starts closer than ``seqlen``) is skipped.
+
 Mode A tokenizes lazily (only the docs it draws) on large pools; small pools cost one batched
 tokenization of ~2.3 MB of text (about half a second).
 
@@ -106,20 +110,20 @@ def _choose_mode(doc_tokens: _LazyDocTokens, pool_size: int, spec: CalibrationSp
     return "long-docs" if doc_tokens.count_longer_than(spec.seqlen) >= spec.n_samples else "pool-stream"
 
 
-def _sample_long_docs(
-    doc_tokens: _LazyDocTokens, pool_size: int, spec: CalibrationSpec, rng: random.Random
-) -> list[list[int]]:
-    samples = []
-    for _ in range(spec.n_samples):
-        for _draw in range(_MAX_REJECTED_DRAWS):
-            ids = doc_tokens[rng.randint(0, pool_size - 1)]
-            if len(ids) > spec.seqlen:
-                break
-        else:
-            raise RuntimeError(f"no calibration doc longer than {spec.seqlen} tokens in {_MAX_REJECTED_DRAWS} draws")
-        start = rng.randint(0, len(ids) - spec.seqlen - 1)
-        samples.append(ids[start : start + spec.seqlen])
-    return samples
+Span = tuple[int, int]  # where a window lies: (doc index, start token); doc -1 for a single token stream
+
+
+def _long_doc_window(doc_tokens: _LazyDocTokens, pool_size: int, seqlen: int,
+                     rng: random.Random) -> tuple[Span, list[int]]:
+    for _draw in range(_MAX_REJECTED_DRAWS):
+        doc = rng.randint(0, pool_size - 1)
+        ids = doc_tokens[doc]
+        if len(ids) > seqlen:
+            break
+    else:
+        raise RuntimeError(f"no calibration doc longer than {seqlen} tokens in {_MAX_REJECTED_DRAWS} draws")
+    start = rng.randint(0, len(ids) - seqlen - 1)
+    return (doc, start), ids[start : start + seqlen]
 
 
 def _adds_special_tokens(tokenizer) -> bool:
@@ -148,20 +152,24 @@ def _check_enough(n_tokens: int, spec: CalibrationSpec, label: str) -> None:
             f"= {spec.n_samples} x {spec.seqlen} = {spec.n_samples * spec.seqlen:,}; give more data or lower them")
 
 
-def _sample_pool_stream(
-    tokenizer, pool: Pool, doc_tokens: _LazyDocTokens, spec: CalibrationSpec, rng: random.Random
-) -> list[list[int]]:
+def _pool_stream_windows(tokenizer, pool: Pool, doc_tokens: _LazyDocTokens, spec: CalibrationSpec):
     stream = _pool_stream(tokenizer, pool.docs, doc_tokens, pool.chat)
     _check_enough(len(stream), spec, pool.label)
-    starts = [rng.randint(0, len(stream) - spec.seqlen) for _ in range(spec.n_samples)]
-    return [stream[s : s + spec.seqlen] for s in starts]
+
+    def window(rng: random.Random) -> tuple[Span, list[int]]:
+        start = rng.randint(0, len(stream) - spec.seqlen)
+        return (-1, start), stream[start : start + spec.seqlen]
+    return window
 
 
-def _sample_wikitext2(tokenizer, spec: CalibrationSpec, data_dir: str | None, rng: random.Random) -> list[list[int]]:
+def _wikitext2_windows(tokenizer, spec: CalibrationSpec, data_dir: str | None):
     ids = tokenizer(wikitext2_train_text(data_dir)).input_ids
     _check_enough(len(ids), spec, "WikiText-2 train")
-    starts = [rng.randint(0, len(ids) - spec.seqlen - 1) for _ in range(spec.n_samples)]
-    return [ids[i : i + spec.seqlen] for i in starts]
+
+    def window(rng: random.Random) -> tuple[Span, list[int]]:
+        start = rng.randint(0, len(ids) - spec.seqlen - 1)
+        return (-1, start), ids[start : start + spec.seqlen]
+    return window
 
 
 def calibration_pool(tokenizer, source: CalibrationSource, data_dir: str | None) -> Pool:
@@ -171,26 +179,57 @@ def calibration_pool(tokenizer, source: CalibrationSource, data_dir: str | None)
     return user_documents(tokenizer, source)
 
 
+def _window_rule(tokenizer, spec: CalibrationSpec, data_dir: str | None):
+    """(draw one window from an rng -> (span, ids), mode, pool label, pool size)."""
+    if spec.source.dataset == "wikitext2":
+        return _wikitext2_windows(tokenizer, spec, data_dir), "gptq-wikitext2", "WikiText-2 train", 1
+    pool = calibration_pool(tokenizer, spec.source, data_dir)
+    doc_tokens = _LazyDocTokens(tokenizer, pool.docs, add_special_tokens=not pool.chat)
+    mode = _choose_mode(doc_tokens, len(pool.docs), spec)
+    if mode == "long-docs":
+        window = lambda rng: _long_doc_window(doc_tokens, len(pool.docs), spec.seqlen, rng)  # noqa: E731
+    else:
+        window = _pool_stream_windows(tokenizer, pool, doc_tokens, spec)
+    return window, mode, pool.label, len(pool.docs)
+
+
+def _draw(tokenizer, spec: CalibrationSpec, data_dir: str | None, n_held: int = 0):
+    """The calibration windows, their mode, and ``n_held`` further windows of the same rule that
+    overlap none of them (the draws continue the same rng; an overlapping draw is skipped)."""
+    rng = random.Random(spec.seed)
+    window, mode, label, size = _window_rule(tokenizer, spec, data_dir)
+    drawn = [window(rng) for _ in range(spec.n_samples)]
+    log.info("calibration: %d x %d tokens of %s (%d-doc pool, mode %s, seed %d)",
+             spec.n_samples, spec.seqlen, label, size, mode, spec.seed)
+    taken = [span for span, _ in drawn]
+    held = []
+    for _attempt in range(_MAX_REJECTED_DRAWS):
+        if len(held) == n_held:
+            break
+        (doc, start), ids = window(rng)
+        if any(doc == d and abs(start - s) < spec.seqlen for d, s in taken):
+            continue
+        taken.append((doc, start))
+        held.append(ids)
+    else:
+        raise CalibrationDataError(
+            f"calibration: {label} has no room for {n_held} held-out windows of {spec.seqlen} tokens beside the "
+            f"{spec.n_samples} calibration windows; lower quantize.search.holdout or calibration.n_samples")
+    return [ids for _, ids in drawn], mode, held
+
+
 def sample_calibration_with_mode(
     tokenizer, spec: CalibrationSpec, data_dir: str | None
 ) -> tuple[torch.LongTensor, SamplingMode]:
     """Like :func:`sample_calibration`, also returning which mode of the rule drew the samples."""
-    rng = random.Random(spec.seed)
-    if spec.source.dataset == "wikitext2":
-        samples = _sample_wikitext2(tokenizer, spec, data_dir, rng)
-        mode, label, size = "gptq-wikitext2", "WikiText-2 train", 1
-    else:
-        pool = calibration_pool(tokenizer, spec.source, data_dir)
-        doc_tokens = _LazyDocTokens(tokenizer, pool.docs, add_special_tokens=not pool.chat)
-        mode = _choose_mode(doc_tokens, len(pool.docs), spec)
-        if mode == "long-docs":
-            samples = _sample_long_docs(doc_tokens, len(pool.docs), spec, rng)
-        else:
-            samples = _sample_pool_stream(tokenizer, pool, doc_tokens, spec, rng)
-        label, size = pool.label, len(pool.docs)
-    log.info("calibration: %d x %d tokens of %s (%d-doc pool, mode %s, seed %d)",
-             spec.n_samples, spec.seqlen, label, size, mode, spec.seed)
+    samples, mode, _ = _draw(tokenizer, spec, data_dir)
     return torch.tensor(samples, dtype=torch.long), mode
+
+
+def sample_holdout(tokenizer, spec: CalibrationSpec, n_held: int, data_dir: str | None) -> torch.LongTensor:
+    """``n_held`` windows, shape ``(n_held, spec.seqlen)``, drawn by the calibration's rule after its
+    ``n_samples`` windows (the same rng, continued) and sharing no token position with any of them."""
+    return torch.tensor(_draw(tokenizer, spec, data_dir, n_held)[2], dtype=torch.long).reshape(n_held, spec.seqlen)
 
 
 def sample_calibration(tokenizer, spec: CalibrationSpec, data_dir: str | None) -> torch.LongTensor:

@@ -265,7 +265,7 @@ class LayerQuantizer:
         return stats
 
     def _w_out_stats(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
-                     W_out: torch.Tensor, bias: torch.Tensor | None
+                     W_out: torch.Tensor, bias: torch.Tensor | None, inputs: SampleArray | None = None
                      ) -> tuple[InputStats | ProjectedOutputStats, torch.Tensor | None, RightHandSide | None,
                                 MemoryArray | None]:
         """W_out's statistics on X̂ = phi(Norm(ĥ) W_in) with the quantized W_in, C (GPTAQ/Qronos), its
@@ -282,13 +282,13 @@ class LayerQuantizer:
         if not self.gathers_statistics:
             return stats, None, None, None
         inner_shape = (n, *hq.shape[1:-1], n_in)
-        cache = None
-        if math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
+        cache = inputs if isinstance(inputs, MemoryArray) else None
+        if cache is None and math.prod(inner_shape) * self.dtype.itemsize <= self.cache_bytes:
             cache = MemoryArray(shape=inner_shape, dtype=self.dtype)
         for start, stop in micro_batches(n, self.micro_batch):
             hq_b = self.load(hq, start, stop)
-            xq = self.inner(sub, hq_b)
-            if cache is not None:
+            xq = self.inner(sub, hq_b) if inputs is None else self.load(inputs, start, stop)
+            if cache is not None and cache is not inputs:
                 cache.write(start, xq)
             if clean is None:
                 with self.timer("stats"):
@@ -323,24 +323,31 @@ class LayerQuantizer:
             with self.timer("write"):
                 hq_next.write(start, out)
 
-    @torch.no_grad()
-    def _quantize_sublayer(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
-                           hq_next: SampleArray) -> None:
+    def quantize_w_in(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray) -> None:
+        """Steps 1-2: W_in's statistics, its solve, the result installed in the quantized layer."""
         W_in = torch.cat([submodule(self.quant, name).weight for name in sub.w_in]).float()
         stats = self.w_in_stats(position, sub, clean, hq, W_in.shape[1])
         R = lloa_rhs(stats.C, W_in, self.strengths[sub.name][0])
         self.assign(sub.w_in, self._solve(f"{sub.name}.w_in", W_in, stats, stats.C, R))
-        del stats, R
 
+    def quantize_w_out(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
+                       hq_next: SampleArray, inputs: SampleArray | None = None) -> None:
+        """Steps 3-5: W_out's statistics (on ``inputs`` = X̂ when given, the W_in installed now), its
+        solve, and the quantized stream through the finished sub-layer."""
         linear = self.w_out[sub.name]
         W_out = linear.weight.float()  # no copy when float32
         bias32 = None if linear.bias is None else linear.bias.float()
-        stats, C, R, cache = self._w_out_stats(position, sub, clean, hq, W_out, bias32)
+        stats, C, R, cache = self._w_out_stats(position, sub, clean, hq, W_out, bias32, inputs)
         q = self._solve(f"{sub.name}.w_out", W_out, stats, C, R)
         self.result.weights[sub.w_out] = q
         del stats, C, R
-
         self.advance(sub, hq, hq_next, q.weight.to(device=self.device, dtype=self.dtype), linear.bias, cache)
+
+    @torch.no_grad()
+    def _quantize_sublayer(self, position: int, sub: SubLayer, clean: CleanStream | None, hq: SampleArray,
+                           hq_next: SampleArray) -> None:
+        self.quantize_w_in(position, sub, clean, hq)
+        self.quantize_w_out(position, sub, clean, hq, hq_next)
 
     def in_memory(self, arrays: list[SampleArray]) -> list[SampleArray]:
         """The arrays read once into host memory when together they fit the cache budget (each is

@@ -183,18 +183,12 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
 
 
 def check_layers(config: RunConfig, num_layers: int) -> None:
-    """Per-layer settings name layers the model has; a search leaves windows on both sides."""
+    """Per-layer settings name layers the model has."""
     q = config.quantize
     beyond = [i for i in q.layers if i >= num_layers]
     if beyond:
         raise ConfigError(f"quantize.layers sets layer {beyond[0]}, but the model has {num_layers} layers "
                           f"(0-{num_layers - 1}); remove or renumber that entry")
-    if q.search is not None:
-        n = config.calibration.n_samples
-        solve, held = q.search.split(n)
-        if solve < 1:
-            raise ConfigError(f"quantize.search.holdout={q.search.holdout:g} of calibration.n_samples={n} leaves no "
-                              "window to solve on; raise calibration.n_samples (at least 2) or lower the holdout")
 
 
 def resolved_chain(store, embedding: str, q: QuantizeConfig, num_layers: int

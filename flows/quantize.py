@@ -27,14 +27,14 @@ from loaq.flows.plan import Plan, baseline_chains, plan
 from loaq.flows.space import check_space, out_of_space
 from loaq.stages.context import Runtime, StageContext
 from loaq.stages.evaluate import perplexity_stage, zero_shot_stage
-from loaq.stages.keys import layer_key, search_key, weights_key
+from loaq.stages.keys import clean_key, embed_key, holdout_key, holdout_state_key, layer_key, search_key, weights_key
 from loaq.stages.model import prepare_model
 from loaq.stages.progress import LayerProgress
 from loaq.stages.quantize import quantize_layer_stage
 from loaq.stages.report import report_stage
 from loaq.stages.retention import retain
-from loaq.stages.search import resolve, search_layer_stage
-from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage
+from loaq.stages.search import holdout_layer_stage, resolve, search_layer_stage
+from loaq.stages.streams import calibration_stage, clean_layer_stage, embed_stage, holdout_stage
 from loaq.store import CorruptRecord, Store
 from loaq.store.errors import StoreError
 
@@ -114,15 +114,60 @@ def quantize_flow(config: RunConfig, run_id: str | None = None, take_lock: bool 
                 raise full from None
 
 
-def _clean_input(ctx: StageContext, config: RunConfig, p: Plan, clean: list[str], index: int) -> None:
+def _clean_input(ctx: StageContext, config: RunConfig, model, clean: list[str], index: int) -> None:
     """Make the clean input of layer ``index`` complete: recomputed from the last complete clean
     state before it when retention (this config's or another variant's) dropped it."""
     first = index
     while first > 0 and not ctx.store.is_complete(clean[first]):
         first -= 1
     for j in range(first, index):
-        clean_layer_stage(ctx, p.model, j, clean[j])
+        clean_layer_stage(ctx, model, j, clean[j])
         retain(ctx, config.store, None, clean[j] if j > 0 else None)
+
+
+class _HeldOut:
+    """The search's held-out windows through the layers: their clean stream (the calibration's
+    stages on the held-out draw) and their quantized stream through each finished layer."""
+
+    def __init__(self, ctx: StageContext, config: RunConfig, model, embedding: str):
+        self.ctx, self.config, self.model, self.embedding = ctx, config, model, embedding
+        self.clean = [embedding]
+        for index in range(model.num_layers):
+            self.clean.append(clean_key(ctx, model, index, self.clean[-1]))
+
+    def state(self, index: int, chain: list[str]) -> str:
+        """The held-out quantized stream after layer ``index`` (the embedding before layer 0)."""
+        return self.embedding if index < 0 else holdout_state_key(chain[index], self.embedding)
+
+    def input(self, index: int, chain: list[str]) -> str:
+        """Both held-out streams complete in front of layer ``index`` (each recomputed from the last
+        complete state before it where retention or a crash left it out); the quantized one's key."""
+        ctx, store = self.ctx, self.ctx.store
+        _clean_input(ctx, self.config, self.model, self.clean, index)
+        reuse_or_run(ctx, "clean-layer", self.clean[index + 1],
+                     lambda: clean_layer_stage(ctx, self.model, index, self.clean[index]))
+        first = index - 1
+        while first >= 0 and not store.is_complete(self.state(first, chain)):
+            first -= 1
+        for j in range(first + 1, index):
+            holdout_layer_stage(ctx, self.model, j, chain, self.state(j - 1, chain), self.state(j, chain))
+        return self.state(index - 1, chain)
+
+    def advance(self, index: int, chain: list[str]) -> None:
+        """The held-out quantized stream through the finished layer ``index``; the states before it
+        go as the calibration streams' do."""
+        holdout_layer_stage(self.ctx, self.model, index, chain, self.state(index - 1, chain), self.state(index, chain))
+        if index > 0:
+            retain(self.ctx, self.config.store, self.state(index - 1, chain), self.clean[index])
+
+
+def _holdout(ctx: StageContext, config: RunConfig, model, p: Plan) -> _HeldOut:
+    n = config.quantize.search.held_windows(config.calibration.n_samples)
+    key = holdout_key(p.calibration, n)
+    reuse_or_run(ctx, "holdout", key, lambda: holdout_stage(ctx, model, config.calibration, n, config.data_dir))
+    embedding = embed_key(ctx, model, key)
+    reuse_or_run(ctx, "embed", embedding, lambda: embed_stage(ctx, model, key))
+    return _HeldOut(ctx, config, model, embedding)
 
 
 def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
@@ -137,10 +182,11 @@ def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
     reuse_or_run(ctx, "embed", p.embedding, lambda: embed_stage(ctx, model, p.calibration))
 
     chain, clean, q = list(p.chain), [p.embedding, *p.clean], p.quantize
+    held = _holdout(ctx, config, model, p) if q.search is not None else None
     start = resume_point(ctx, chain)
     if 0 < start < model.num_layers:
         log.info("resuming at layer %d of %d", start, model.num_layers)
-        _clean_input(ctx, config, p, clean, start)
+        _clean_input(ctx, config, model, clean, start)
     label = f"{q.method} {q.scheme}" + (" search" if q.search else "")
     with LayerProgress(model.num_layers, label) as progress:
         for index in range(model.num_layers):
@@ -154,12 +200,16 @@ def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
             if q.search is not None:
                 # The layer's strengths are chosen first; its key follows from them.
                 key = search_key(quant_input, q, index)
-                reuse_or_run(ctx, "layer-search", key, lambda: search_layer_stage(
-                    ctx, model, index, q, key, quant_input, clean[index], clean[index + 1]))
+                if not ctx.reuse("layer-search", key):
+                    search_layer_stage(ctx, model, index, q, key, p.variant, quant_input, clean[index],
+                                       clean[index + 1], held.input(index, chain), held.clean[index],
+                                       held.clean[index + 1])
                 q = resolve(ctx.store, q, index, key)
                 chain[index] = layer_key(quant_input, q, index)
             quantize_layer_stage(ctx, model, index, q, p.variant, chain[index], quant_input,
                                  clean[index], clean[index + 1])
+            if held is not None:
+                held.advance(index, chain)
             stored = ctx.store.size(chain[index]) + ctx.store.size(weights_key(chain[index])) \
                 + ctx.store.size(clean[index + 1])
             retain(ctx, config.store, chain[index - 1] if index > 0 else None, clean[index] if index > 0 else None)

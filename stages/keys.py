@@ -9,6 +9,8 @@ reads, never a run id, a path or a time. The records and their keys, from the mo
     clean layer l   clean_layer(model, layer=l, prev=clean_{l-1} or embedding, dtype)
     quant layer l   quant_layer(prev=quant_{l-1} or embedding, layer=l, config_identity(layer l))
     layer search l  layer_search(prev=quant_{l-1} or embedding, layer=l, config without strengths, search)
+    held-out draw   holdout(calibration, n) -> its embedding and clean layers as the calibration's
+    held-out quant  holdout_quant(chain=quant_l, holdout=held-out embedding)
     layer weights   layer_weights(chain=quant_l)
     evaluation      perplexity / zero_shot(model, quantized=quant_last or None, settings, data, dtype)
     export          export(quantized=quant_last, format, dtype[, packer version])
@@ -37,7 +39,8 @@ CLEAN_VERSION = 2
 # calibration, embeddings and the clean stream are reused.
 ALGORITHM_VERSION = 2
 EVAL_VERSION = 1
-SEARCH_VERSION = 1
+# Version 2: the candidates are scored on a separate held-out draw carried through every layer.
+SEARCH_VERSION = 2
 EXPORT_VERSION = 1
 
 
@@ -156,6 +159,16 @@ def search_key(prev: str, cfg: QuantizeConfig, index: int) -> str:
     base = {k: v for k, v in config_identity(cfg).items() if k not in ("alpha_in", "alpha_out", "beta")}
     return stage_key("layer_search", SEARCH_VERSION, prev=prev, layer=index, config=base,
                      search=cfg.search.model_dump())
+
+
+def holdout_key(calibration_key: str, n_windows: int) -> str:
+    """The search's held-out windows: the next ``n_windows`` of the calibration's own draw."""
+    return stage_key("holdout", STREAM_VERSION, calibration=calibration_key, n=n_windows)
+
+
+def holdout_state_key(chain_key: str, holdout_embedding_key: str) -> str:
+    """The quantized stream on the held-out windows after the layer whose chain key is ``chain_key``."""
+    return stage_key("holdout_quant", SEARCH_VERSION, chain=chain_key, holdout=holdout_embedding_key)
 
 
 def weights_key(chain_key: str) -> str:

@@ -10,13 +10,15 @@ and the quantized stream after it (kind "quant_state", large, subject to retenti
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from prefect import task
 from prefect.cache_policies import NONE
 
 from loaq.configs.schema import QuantizeConfig
-from loaq.engine.layer import CleanStream, LayerQuantizer
+from loaq.engine.layer import CleanStream, LayerQuantizer, LayerResult
 from loaq.engine.metrics import DivergenceMeter, outlier_threshold
 from loaq.models.layers import ContextFactory
 from loaq.quant import QuantizedWeight
@@ -103,26 +105,20 @@ def stored_layer(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeCo
     return quantizer, clean, hq_in, RecordArray(clean_record, HIDDEN)
 
 
-@task(name="quantize-layer", cache_policy=NONE)
-def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, chain_id: str,
-                         chain_key: str, quant_input_key: str, clean_input_key: str, clean_output_key: str) -> str:
-    """Quantize layer ``index``; returns its chain key (both of its records complete)."""
-    w_key = weights_key(chain_key)
-    if ctx.store.is_complete(chain_key) and ctx.store.is_complete(w_key):
-        ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "reused")
-        return chain_key
+def store_layer(ctx: StageContext, index: int, cfg: QuantizeConfig, chain_id: str, chain_key: str,
+                shape: tuple[int, ...], clean_out: RecordArray, compute: Callable[[Any], LayerResult]) -> None:
+    """Write layer ``index``'s records under ``chain_key``: the quantized stream after it, which
+    ``compute(out)`` writes into ``out`` (its drift from ``clean_out`` measured on the way), and the
+    weights of the ``LayerResult`` it returns."""
     rt = ctx.runtime
-    started = time.perf_counter()
-    failpoint(f"quantize-layer:{index}:before")
-    quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
-                                                      clean_output_key)
+    w_key = weights_key(chain_key)
     meter = DivergenceMeter(outlier_threshold(clean_out, micro_batch=rt.micro_batch))
     # `chain` names the variant (root + config) so retention can keep only its last layer's states.
     attrs = {"layer": index, "chain": chain_id, "method": cfg.method}
     with ctx.store.writer(chain_key, kind="quant_state", attrs=attrs, overwrite=True) as w:
-        hq_out = _MeteredArray(WriterArray(w, HIDDEN, hq_in.shape, rt.dtype, rt.micro_batch,
+        hq_out = _MeteredArray(WriterArray(w, HIDDEN, shape, rt.dtype, rt.micro_batch,
                                            point=f"quantize-layer:{index}:mid"), clean_out, meter)
-        result = quantizer.run(clean if cfg.needs_clean_stream() else None, hq_in, hq_out)
+        result = compute(hq_out)
     divergence = meter.result()
     if not ctx.store.is_complete(w_key):
         with ctx.store.writer(w_key, kind="weights", overwrite=True,
@@ -133,6 +129,21 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
                                      "linears": list(result.weights),
                                      "shapes": weight_shapes(result.weights)}) as w:
             write_weights(w, result.weights)
+
+
+@task(name="quantize-layer", cache_policy=NONE)
+def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, chain_id: str,
+                         chain_key: str, quant_input_key: str, clean_input_key: str, clean_output_key: str) -> str:
+    """Quantize layer ``index``; returns its chain key (both of its records complete)."""
+    if ctx.store.is_complete(chain_key) and ctx.store.is_complete(weights_key(chain_key)):
+        ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "reused")
+        return chain_key
+    started = time.perf_counter()
+    failpoint(f"quantize-layer:{index}:before")
+    quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
+                                                      clean_output_key)
+    store_layer(ctx, index, cfg, chain_id, chain_key, hq_in.shape, clean_out,
+                lambda out: quantizer.run(clean if cfg.needs_clean_stream() else None, hq_in, out))
     failpoint(f"quantize-layer:{index}:after")
     ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "computed", seconds=time.perf_counter() - started)
     return chain_key

@@ -1,9 +1,11 @@
-"""Stage: choose layer l's strengths among ``quantize.search``'s candidates (``engine.search``).
+"""Stages of the per-layer search: choose layer l's strengths among ``quantize.search``'s candidates
+(``engine.search``), and carry the held-out windows' quantized stream through the chosen layer.
 
-Its record (kind "search", attributes only) holds the choice per sub-layer, every candidate's score
-and which windows each side used. The choice becomes the layer's entry in ``quantize.layers``, so
-the layer is then quantized by the ordinary stage under the ordinary key (``stages.keys.layer_key``):
-a run configured with the chosen values, or a fixed-pair run that agrees up to there, shares it.
+The search quantizes the layer with its choice exactly as the ordinary stage would, and writes the
+ordinary records under the ordinary key (``stages.keys.layer_key`` of the config with the choice in
+``quantize.layers``): a run configured with the chosen values, or a fixed-pair run that agrees up to
+there, shares them. Its own record (kind "search", attributes only, written last) holds the choice per
+sub-layer and every candidate's score.
 """
 
 from __future__ import annotations
@@ -14,20 +16,28 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from loaq.configs.schema import SUBLAYERS, LayerSetting, QuantizeConfig, Strengths
+from loaq.engine.arrays import MemoryArray, micro_batches
+from loaq.engine.forward import forward_layer
+from loaq.engine.layer import CleanStream
 from loaq.engine.search import LayerSearch
+from loaq.models.layers import ContextFactory
 
+from .arrays import RecordArray, WriterArray
 from .context import StageContext, failpoint
+from .evaluate import StoredQuantizedWeights
+from .keys import layer_key
 from .model import ModelRef
-from .quantize import stored_layer
+from .quantize import store_layer, stored_layer
+from .streams import HIDDEN, sublayer_output
 
 
 def choice_setting(choice: dict) -> LayerSetting:
-    """A search record's choice ({sub-layer: [alpha, beta]}) as the layer's setting."""
-    pairs = {name: tuple(choice[name]) for name in SUBLAYERS}
-    first = pairs[SUBLAYERS[0]]
-    if all(p == first for p in pairs.values()):
-        return LayerSetting(alpha_in=first[0], alpha_out=first[0], beta=first[1])
-    return LayerSetting(**{name: Strengths(alpha_in=a, alpha_out=a, beta=b) for name, (a, b) in pairs.items()})
+    """A search record's choice ({sub-layer: [alpha_in, alpha_out, beta]}) as the layer's setting."""
+    strengths = {name: tuple(choice[name]) for name in SUBLAYERS}
+    first = strengths[SUBLAYERS[0]]
+    if all(s == first for s in strengths.values()):
+        return LayerSetting(alpha_in=first[0], alpha_out=first[1], beta=first[2])
+    return LayerSetting(**{name: Strengths(alpha_in=a, alpha_out=o, beta=b) for name, (a, o, b) in strengths.items()})
 
 
 def resolve(store, cfg: QuantizeConfig, index: int, key: str) -> QuantizeConfig:
@@ -35,23 +45,63 @@ def resolve(store, cfg: QuantizeConfig, index: int, key: str) -> QuantizeConfig:
     return cfg.with_layer(index, choice_setting(store.open(key).attrs["choice"]))
 
 
+def _clean_stream(ctx: StageContext, model: ModelRef, input_key: str, output_key: str) -> CleanStream:
+    out = ctx.store.open(output_key)
+    return CleanStream(RecordArray(ctx.store.open(input_key), HIDDEN),
+                       {sub.name: RecordArray(out, sublayer_output(sub.name)) for sub in model.open().adapter.sublayers})
+
+
 @task(name="layer-search", cache_policy=NONE)
-def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, key: str,
-                       quant_input_key: str, clean_input_key: str, clean_output_key: str) -> str:
-    """Search layer ``index``'s strengths; returns ``key`` (its record complete)."""
+def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, key: str, chain_id: str,
+                       quant_input_key: str, clean_input_key: str, clean_output_key: str,
+                       held_input_key: str, held_clean_input_key: str, held_clean_output_key: str) -> str:
+    """Search layer ``index``'s strengths and quantize it with the choice; returns ``key`` (the search
+    record complete, and the chosen layer's records)."""
     started = time.perf_counter()
     failpoint(f"layer-search:{index}:before")
-    quantizer, clean, hq_in, _ = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
-                                              clean_output_key)
-    result = LayerSearch(quantizer, cfg.search).run(clean, hq_in)
+    quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
+                                                      clean_output_key)
+    held_clean = _clean_stream(ctx, model, held_clean_input_key, held_clean_output_key)
+    held_in = RecordArray(ctx.store.open(held_input_key), HIDDEN)
+    hq_out = MemoryArray(shape=hq_in.shape, dtype=ctx.runtime.dtype)
+    result = LayerSearch(quantizer, cfg.search).run(clean, hq_in, hq_out, held_clean, held_in)
+    strengths = quantizer.strengths  # the run's alpha_in with the chosen alpha_out and beta
+    resolved = cfg.with_layer(index, choice_setting(strengths))
+    chain_key = layer_key(quant_input_key, resolved, index)
+
+    def copy(out):
+        for start, stop in micro_batches(hq_out.shape[0], ctx.runtime.micro_batch):
+            out.write(start, hq_out.read(start, stop))
+        return result.layer
+
+    store_layer(ctx, index, resolved, chain_id, chain_key, hq_in.shape, clean_out, copy)
     seqlen = hq_in.shape[1]
-    attrs = {"layer": index, "choice": {k: list(v) for k, v in result.choice.items()},
+    attrs = {"layer": index, "choice": {k: list(v) for k, v in strengths.items()},
              "scores": {k: [list(s) for s in v] for k, v in result.scores.items()},
-             "objective": cfg.search.objective, "windows": result.windows,
-             "tokens": {side: (stop - start) * seqlen for side, (start, stop) in result.windows.items()},
-             "solver_tokens": result.solver_tokens, "seconds": result.seconds}
+             "objective": cfg.search.objective, "holdout": held_input_key if index == 0 else None,
+             "tokens": {"solve": hq_in.shape[0] * seqlen, "held_out": held_in.shape[0] * seqlen},
+             "solver_tokens": {part: info["tokens"] for part, info in result.layer.solver.items()},
+             "seconds": result.seconds}
     with ctx.store.writer(key, kind="search", attrs=attrs, overwrite=True):
         pass
     failpoint(f"layer-search:{index}:after")
     ctx.store.log_event(ctx.run_id, "layer-search", key, "computed", seconds=time.perf_counter() - started)
     return key
+
+
+@task(name="holdout-layer", cache_policy=NONE)
+def holdout_layer_stage(ctx: StageContext, model: ModelRef, index: int, chain: list[str], input_key: str,
+                        key: str) -> str:
+    """The held-out windows' quantized stream through layer ``index`` of ``chain`` (its stored weights)."""
+
+    def compute():
+        rt = ctx.runtime
+        source = StoredQuantizedWeights(model.open(), ctx.store, chain)
+        contexts = ContextFactory(source.adapter, source.config, rt.device)
+        h_in = RecordArray(ctx.store.open(input_key), HIDDEN)
+        with ctx.store.writer(key, kind="holdout_state", attrs={"layer": index}) as w:
+            out = WriterArray(w, HIDDEN, h_in.shape, rt.dtype, rt.micro_batch)
+            forward_layer(source, index, h_in, out, contexts, device=rt.device, dtype=rt.dtype,
+                          micro_batch=rt.micro_batch)
+
+    return ctx.cached("holdout-layer", key, compute)

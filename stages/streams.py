@@ -11,14 +11,14 @@ from prefect import task
 from prefect.cache_policies import NONE
 
 from loaq.configs.schema import CalibrationConfig
-from loaq.data.calibration import CalibrationSpec, sample_calibration
+from loaq.data.calibration import CalibrationSpec, sample_calibration, sample_holdout
 from loaq.data.sources import CalibrationSource
 from loaq.engine.forward import clean_layer_forward, embed
 from loaq.models.layers import ContextFactory
 
 from .arrays import RecordArray, WriterArray
 from .context import StageContext
-from .keys import calibration_key, clean_key, embed_key
+from .keys import calibration_key, clean_key, embed_key, holdout_key
 from .model import ModelRef
 
 HIDDEN = "hidden"
@@ -44,6 +44,21 @@ def calibration_stage(ctx: StageContext, model: ModelRef, cfg: CalibrationConfig
             w.put("tokens", tokens.to(torch.int64))
 
     return ctx.cached("calibration", key, compute)
+
+
+@task(name="holdout", cache_policy=NONE)
+def holdout_stage(ctx: StageContext, model: ModelRef, cfg: CalibrationConfig, n_windows: int,
+                  data_dir: str | None) -> str:
+    """The per-layer search's held-out windows: drawn after the calibration's, overlapping none of them.
+    A calibration-like record: the embedding and clean-layer stages run on it unchanged."""
+    key = holdout_key(calibration_key(model, cfg, data_dir), n_windows)
+
+    def compute():
+        tokens = sample_holdout(model.open().tokenizer(), calibration_spec(cfg), n_windows, data_dir)
+        with ctx.store.writer(key, kind="calibration", attrs={"spec": cfg.model_dump(), "holdout": n_windows}) as w:
+            w.put("tokens", tokens.to(torch.int64))
+
+    return ctx.cached("holdout", key, compute)
 
 
 @task(name="embed", cache_policy=NONE)

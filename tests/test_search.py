@@ -89,56 +89,82 @@ def test_search_keeps_each_sub_layers_best_candidate_and_reports_it(searched):
     for record in records:
         for sub, scores in record.attrs["scores"].items():
             assert len(scores) == 4
-            best = min(scores, key=lambda s: s[2])  # (alpha, beta, objective); the first of equals wins
-            assert record.attrs["choice"][sub] == best[:2]
-            alpha, beta = best[:2]
-            assert weights[record.attrs["layer"]][sub] == [alpha, alpha, beta]
+            best = min(scores, key=lambda s: s[2])  # (alpha_out, beta, objective); the first of equals wins
+            alpha_out, beta = best[:2]
+            # alpha_in stays the run's (0.5); the weights record carries the layer's chosen strengths.
+            assert record.attrs["choice"][sub] == [0.5, alpha_out, beta]
+            assert weights[record.attrs["layer"]][sub] == [0.5, alpha_out, beta]
     report = searched["store"].parent / "runs" / "tiny"
     assert (report / "strengths.png").stat().st_size > 1000 and "strengths.png" in (report / "report.md").read_text()
     assert "loaq W3 search" in searched["proc"].stdout
 
 
 def test_the_objective_uses_only_windows_the_solves_did_not_see(searched):
-    """Recorded: held-out windows disjoint from the solve windows, and every solve's H summed over the
-    solve windows' tokens only (4 windows of 64 tokens, one held out)."""
-    for info in Store(str(searched["store"])).list(kind="search"):
+    """Recorded: the held-out windows are a separate draw sharing no window with the calibration, and
+    every solve's H summed over the calibration windows' tokens only (4 windows of 64 tokens)."""
+    store = Store(str(searched["store"]))
+    calibration = [store.open(i.key) for i in store.list(kind="calibration")]
+    (held,) = [r for r in calibration if "holdout" in r.attrs]
+    (cal,) = [r for r in calibration if "holdout" not in r.attrs]
+    held_tokens, cal_tokens = held.read("tokens"), cal.read("tokens")
+    assert held_tokens.shape == (1, 64) and cal_tokens.shape == (4, 64)
+    assert not any(torch.equal(h, c) for h in held_tokens for c in cal_tokens)
+    for info in store.list(kind="search"):
         a = info.attrs
-        solve, held = a["windows"]["solve"], a["windows"]["held_out"]
-        assert solve == [0, 3] and held == [3, 4]
-        assert a["tokens"] == {"solve": 3 * 64, "held_out": 64}
-        assert set(a["solver_tokens"].values()) == {3 * 64}
+        assert a["tokens"] == {"solve": 4 * 64, "held_out": 64}
+        assert set(a["solver_tokens"].values()) == {4 * 64}
 
 
-def _layer_zero(tokens: torch.Tensor, cfg: QuantizeConfig):
+def _layer_zero(tokens: torch.Tensor, held: torch.Tensor, cfg: QuantizeConfig):
     model = tiny_model("llama", layers=1, hidden=64)
     source = ModelWeights(model)
     contexts = ContextFactory(source.adapter, source.config, "cpu")
-    h = MemoryArray(embed(source, tokens, torch.float32))
-    clean = CleanStream(h, {sub.name: MemoryArray(shape=h.shape) for sub in source.adapter.sublayers})
-    clean_layer_forward(source, 0, h, MemoryArray(shape=h.shape), clean.out, contexts, device="cpu",
-                        dtype=torch.float32, micro_batch=2)
+
+    def streams(t):
+        h = MemoryArray(embed(source, t, torch.float32))
+        clean = CleanStream(h, {sub.name: MemoryArray(shape=h.shape) for sub in source.adapter.sublayers})
+        clean_layer_forward(source, 0, h, MemoryArray(shape=h.shape), clean.out, contexts, device="cpu",
+                            dtype=torch.float32, micro_batch=2)
+        return clean, MemoryArray(h.tensor.clone())
+
     quantizer = LayerQuantizer(source.adapter, source.config, 0, source.layer_state(0), cfg, contexts, micro_batch=2)
-    return quantizer, clean, MemoryArray(h.tensor.clone())
+    return quantizer, *streams(tokens), *streams(held)
 
 
 def test_held_out_windows_move_the_scores_but_never_the_solves():
-    search = SearchConfig(alpha=[0.5], beta=[0.25], holdout=0.25)
+    search = SearchConfig(alpha=[0.5], beta=[0.25])
     cfg = QuantizeConfig(method="loaq", bits=3, search=search)
-    tokens = torch.randint(0, 512, (8, 32), generator=torch.Generator().manual_seed(0))
-    changed_held = tokens.clone()
-    changed_held[6:] = torch.randint(0, 512, (2, 32), generator=torch.Generator().manual_seed(1))
-    changed_solve = tokens.clone()
-    changed_solve[0] = torch.randint(0, 512, (32,), generator=torch.Generator().manual_seed(2))
+    randint = lambda shape, seed: torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
+    tokens, held, other_held = randint((6, 32), 0), randint((2, 32), 1), randint((2, 32), 2)
+    changed = tokens.clone()
+    changed[0] = randint((32,), 3)
     results = {}
-    for name, t in (("base", tokens), ("held", changed_held), ("solve", changed_solve)):
-        quantizer, clean, hq = _layer_zero(t, cfg)
-        results[name] = LayerSearch(quantizer, search).run(clean, hq)
-    base, held, solve = results["base"], results["held"], results["solve"]
-    assert base.windows == {"solve": [0, 6], "held_out": [6, 8]}
+    for name, (t, h) in {"base": (tokens, held), "held": (tokens, other_held), "solve": (changed, held)}.items():
+        quantizer, clean, hq, held_clean, held_hq = _layer_zero(t, h, cfg)
+        out = MemoryArray(shape=hq.shape)
+        results[name] = LayerSearch(quantizer, search).run(clean, hq, out, held_clean, held_hq).layer
+    base, other, solve = results["base"], results["held"], results["solve"]
     for name, q in base.weights.items():
-        assert torch.equal(q.weight, held.weights[name].weight), name
+        assert torch.equal(q.weight, other.weights[name].weight), name
     assert any(not torch.equal(q.weight, solve.weights[name].weight) for name, q in base.weights.items())
-    assert base.scores["attn"][0][2] != held.scores["attn"][0][2]
+    assert all(info["tokens"] == 6 * 32 for info in base.solver.values())
+
+
+def test_held_out_windows_decide_between_candidates():
+    """Two candidates: their scores are those of their own weights on the held-out windows, so other
+    held-out windows give other scores (and the choice is the lower one)."""
+    search = SearchConfig(alpha=[0.25, 0.75], beta=[0.5])
+    cfg = QuantizeConfig(method="loaq", bits=3, search=search)
+    randint = lambda shape, seed: torch.randint(0, 512, shape, generator=torch.Generator().manual_seed(seed))
+    scores = []
+    for seed in (1, 2):
+        quantizer, clean, hq, held_clean, held_hq = _layer_zero(randint((6, 32), 0), randint((2, 32), seed), cfg)
+        result = LayerSearch(quantizer, search).run(clean, hq, MemoryArray(shape=hq.shape), held_clean, held_hq)
+        for sub, pairs in result.scores.items():
+            assert result.choice[sub] == min(pairs, key=lambda s: s[2])[:2]
+        scores.append(result.scores["attn"])
+    assert [s[:2] for s in scores[0]] == [s[:2] for s in scores[1]] == [(0.25, 0.5), (0.75, 0.5)]
+    assert all(a[2] != b[2] for a, b in zip(*scores))
 
 
 def test_search_with_one_candidate_is_the_fixed_run_bit_for_bit(tmp_path, searched, shared_data):
@@ -146,7 +172,7 @@ def test_search_with_one_candidate_is_the_fixed_run_bit_for_bit(tmp_path, search
     one = write_config(tmp_path / "one.yaml", checkpoint, tmp_path / "searched", shared_data,
                        search={"alpha": [0.25], "beta": [0.5]})
     fixed = write_config(tmp_path / "fixed.yaml", checkpoint, tmp_path / "fixed", shared_data,
-                         alpha_in=0.25, alpha_out=0.25, beta=0.5)
+                         alpha_in=0.5, alpha_out=0.25, beta=0.5)
     for config in (one, fixed):
         proc = run_cli("run", str(config))
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -158,11 +184,30 @@ def test_search_with_one_candidate_is_the_fixed_run_bit_for_bit(tmp_path, search
             assert torch.equal(a[layer][name], b[layer][name]), (layer, name)
     # The chosen path is an ordinary chain: the fixed config on the search's store computes no layer.
     again = write_config(tmp_path / "again.yaml", checkpoint, tmp_path / "searched", shared_data,
-                         alpha_in=0.25, alpha_out=0.25, beta=0.5)
+                         alpha_in=0.5, alpha_out=0.25, beta=0.5)
     proc = run_cli("run", str(again))
     assert proc.returncode == 0, proc.stderr[-3000:]
     computed = computed_stages(tmp_path / "searched", [run_id(proc)])
     assert not any(stage == "quantize-layer" for stage, _ in computed), computed
+
+
+def test_the_searched_layers_are_those_of_a_run_configured_with_the_choice(tmp_path, searched, shared_data):
+    """Four candidates: a run given the chosen per-layer values on its own store computes every
+    weight bit for bit as the search wrote it."""
+    store = Store(str(searched["store"]))
+    layers = {}
+    for info in store.list(kind="search"):
+        choice = info.attrs["choice"]
+        layers[info.attrs["layer"]] = {sub: dict(zip(("alpha_in", "alpha_out", "beta"), choice[sub])) for sub in choice}
+    config = write_config(tmp_path / "chosen.yaml", searched["checkpoint"], tmp_path / "chosen", shared_data,
+                          layers=layers)
+    proc = run_cli("run", str(config))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    expected, got = weights_by_layer(searched["store"]), weights_by_layer(tmp_path / "chosen")
+    assert expected.keys() == got.keys() == {0, 1, 2}
+    for layer in expected:
+        for name in expected[layer]:
+            assert torch.equal(expected[layer][name], got[layer][name]), (layer, name)
 
 
 def test_a_search_killed_mid_layer_resumes_to_the_same_weights(tmp_path, searched, shared_data):
@@ -175,8 +220,9 @@ def test_a_search_killed_mid_layer_resumes_to_the_same_weights(tmp_path, searche
     assert done.returncode == 0, done.stderr[-3000:]
     computed = computed_stages(tmp_path / "store", [run_id(done)])
     per_stage = {stage: sum(n for (s, _), n in computed.items() if s == stage) for stage, _ in computed}
-    # Layer 1's search (done before the second kill) and layer 0 are kept; layers 1-2 are quantized.
-    assert per_stage["layer-search"] == 1 and per_stage["quantize-layer"] == 2, computed
+    # Layer 0 is kept; layer 1's search was killed while writing its layer: layers 1-2 are searched,
+    # and the search writes each layer's records, so no ordinary quantization runs.
+    assert per_stage["layer-search"] == 2 and "quantize-layer" not in per_stage, computed
     expected, got = weights_by_layer(searched["store"]), weights_by_layer(tmp_path / "store")
     for layer in expected:
         for name in expected[layer]:
