@@ -355,6 +355,10 @@ class LayerQuantizer:
         size = sum(math.prod(a.shape) * self.dtype.itemsize for a in arrays)
         if size > self.cache_bytes // 2 or all(isinstance(a, MemoryArray) for a in arrays):
             return arrays
+        return self.to_memory(arrays)
+
+    def to_memory(self, arrays: list[SampleArray]) -> list[MemoryArray]:
+        """Copies of the arrays in host memory, read per micro-batch."""
         out = []
         for array in arrays:
             memory = MemoryArray(shape=array.shape, dtype=self.dtype)

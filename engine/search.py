@@ -68,9 +68,10 @@ class LayerSearch:
         h, *outs = q.in_memory([clean.h, *clean.out.values()])
         clean = CleanStream(h, dict(zip(names, outs)))
         (hq,) = q.in_memory([hq_in])
-        held_h, *held_outs = _memory(q, [held_clean.h, *held_clean.out.values()])
+        # The held-out arrays, a small share of the calibration's, are always read into memory.
+        held_h, *held_outs = q.to_memory([held_clean.h, *held_clean.out.values()])
         held_clean = CleanStream(held_h, dict(zip(names, held_outs)))
-        (held,) = _memory(q, [held_in])
+        (held,) = q.to_memory([held_in])
         result = SearchResult()
         first, second = q.adapter.sublayers
         hq_mid, held_mid = MemoryArray(shape=hq.shape, dtype=q.dtype), MemoryArray(shape=held.shape, dtype=q.dtype)
@@ -150,17 +151,6 @@ class LayerSearch:
                 e, r = normalised_output_error(q.flat(u), q.flat(uq), q.eps)
             err, ref = err + e, ref + r
         return err / ref if ref else 0.0
-
-
-def _memory(q: LayerQuantizer, arrays: list[SampleArray]) -> list[MemoryArray]:
-    """The held-out arrays in host memory (a small share of the calibration's)."""
-    out = []
-    for array in arrays:
-        memory = MemoryArray(shape=array.shape, dtype=q.dtype)
-        for start, stop in micro_batches(array.shape[0], q.micro_batch):
-            memory.write(start, q.load(array, start, stop))
-        out.append(memory)
-    return out
 
 
 class _Inner:

@@ -86,6 +86,13 @@ class _MeteredArray:
         self.meter.add(self.clean.read(start, start + values.shape[0]), values)
 
 
+def stored_clean_stream(ctx: StageContext, adapter, input_key: str, output_key: str) -> CleanStream:
+    """The clean stream through a layer from its stored input and output records."""
+    out = ctx.store.open(output_key)
+    return CleanStream(RecordArray(ctx.store.open(input_key), HIDDEN),
+                       {sub.name: RecordArray(out, sublayer_output(sub.name)) for sub in adapter.sublayers})
+
+
 def stored_layer(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, quant_input_key: str,
                  clean_input_key: str, clean_output_key: str
                  ) -> tuple[LayerQuantizer, CleanStream, RecordArray, RecordArray]:
@@ -94,15 +101,12 @@ def stored_layer(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeCo
     rt = ctx.runtime
     checkpoint = model.open()
     hq_in = RecordArray(ctx.store.open(quant_input_key), HIDDEN)
-    clean_record = ctx.store.open(clean_output_key)
-    clean = CleanStream(RecordArray(ctx.store.open(clean_input_key), HIDDEN),
-                        {sub.name: RecordArray(clean_record, sublayer_output(sub.name))
-                         for sub in checkpoint.adapter.sublayers})
+    clean = stored_clean_stream(ctx, checkpoint.adapter, clean_input_key, clean_output_key)
     contexts = ContextFactory(checkpoint.adapter, checkpoint.config, rt.device)
     quantizer = LayerQuantizer(checkpoint.adapter, checkpoint.config, index, checkpoint.layer_state(index), cfg,
                                contexts, device=rt.device, dtype=rt.dtype, micro_batch=rt.micro_batch,
                                input_transforms=checkpoint.input_transforms(index))
-    return quantizer, clean, hq_in, RecordArray(clean_record, HIDDEN)
+    return quantizer, clean, hq_in, RecordArray(ctx.store.open(clean_output_key), HIDDEN)
 
 
 def store_layer(ctx: StageContext, index: int, cfg: QuantizeConfig, chain_id: str, chain_key: str,

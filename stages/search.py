@@ -18,7 +18,6 @@ from prefect.cache_policies import NONE
 from loaq.configs.schema import SUBLAYERS, LayerSetting, QuantizeConfig, Strengths
 from loaq.engine.arrays import MemoryArray, micro_batches
 from loaq.engine.forward import forward_layer
-from loaq.engine.layer import CleanStream
 from loaq.engine.search import LayerSearch
 from loaq.models.layers import ContextFactory
 
@@ -27,8 +26,8 @@ from .context import StageContext, failpoint
 from .evaluate import StoredQuantizedWeights
 from .keys import layer_key
 from .model import ModelRef
-from .quantize import store_layer, stored_layer
-from .streams import HIDDEN, sublayer_output
+from .quantize import store_layer, stored_clean_stream, stored_layer
+from .streams import HIDDEN
 
 
 def choice_setting(choice: dict) -> LayerSetting:
@@ -45,12 +44,6 @@ def resolve(store, cfg: QuantizeConfig, index: int, key: str) -> QuantizeConfig:
     return cfg.with_layer(index, choice_setting(store.open(key).attrs["choice"]))
 
 
-def _clean_stream(ctx: StageContext, model: ModelRef, input_key: str, output_key: str) -> CleanStream:
-    out = ctx.store.open(output_key)
-    return CleanStream(RecordArray(ctx.store.open(input_key), HIDDEN),
-                       {sub.name: RecordArray(out, sublayer_output(sub.name)) for sub in model.open().adapter.sublayers})
-
-
 @task(name="layer-search", cache_policy=NONE)
 def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: QuantizeConfig, key: str, chain_id: str,
                        quant_input_key: str, clean_input_key: str, clean_output_key: str,
@@ -61,7 +54,7 @@ def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Quan
     failpoint(f"layer-search:{index}:before")
     quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
                                                       clean_output_key)
-    held_clean = _clean_stream(ctx, model, held_clean_input_key, held_clean_output_key)
+    held_clean = stored_clean_stream(ctx, quantizer.adapter, held_clean_input_key, held_clean_output_key)
     held_in = RecordArray(ctx.store.open(held_input_key), HIDDEN)
     hq_out = MemoryArray(shape=hq_in.shape, dtype=ctx.runtime.dtype)
     result = LayerSearch(quantizer, cfg.search).run(clean, hq_in, hq_out, held_clean, held_in)
@@ -78,7 +71,7 @@ def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Quan
     seqlen = hq_in.shape[1]
     attrs = {"layer": index, "choice": {k: list(v) for k, v in strengths.items()},
              "scores": {k: [list(s) for s in v] for k, v in result.scores.items()},
-             "objective": cfg.search.objective, "holdout": held_input_key if index == 0 else None,
+             "objective": cfg.search.objective,
              "tokens": {"solve": hq_in.shape[0] * seqlen, "held_out": held_in.shape[0] * seqlen},
              "solver_tokens": {part: info["tokens"] for part, info in result.layer.solver.items()},
              "seconds": result.seconds}
