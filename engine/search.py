@@ -39,9 +39,10 @@ from .layer import CleanStream, LayerQuantizer, LayerResult, take_rows
 
 @dataclass
 class SearchResult:
-    """Per sub-layer: the chosen (alpha_out, beta) and every candidate's score; the layer's result."""
+    """Per sub-layer: the strengths chosen (alpha_in, alpha_out, beta) and every candidate's score; the
+    layer's result."""
 
-    choice: dict[str, tuple[float, float]] = field(default_factory=dict)
+    choice: dict[str, tuple[float, float, float]] = field(default_factory=dict)
     scores: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)  # (alpha_out, beta, objective)
     layer: LayerResult | None = None
     seconds: dict[str, float] = field(default_factory=dict)
@@ -97,8 +98,9 @@ class LayerSearch:
         scores = [(a, b, self._score(position, sub, held_clean, held, x_held, q_out.weight, linear.bias))
                   for (a, b), q_out in zip(self.candidates, q_outs)]
         alpha_out, beta, _ = min(scores, key=lambda s: s[2])  # the first of equal scores
-        result.choice[sub.name], result.scores[sub.name] = (alpha_out, beta), scores
-        q.strengths = {**q.strengths, sub.name: (q.strengths[sub.name][0], alpha_out, beta)}
+        result.choice[sub.name] = (q.strengths[sub.name][0], alpha_out, beta)
+        result.scores[sub.name] = scores
+        q.strengths = {**q.strengths, sub.name: result.choice[sub.name]}
         q.quantize_w_out(position, sub, clean, hq, hq_next, x_all)
         if held_next is not None:
             Q = q.result.weights[sub.w_out].weight.to(device=q.device, dtype=q.dtype)

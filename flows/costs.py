@@ -106,9 +106,11 @@ def array_bytes(shape: tuple[int, ...], itemsize: int, slices: int = 1) -> int:
 
 
 def hidden_record(shape: Shape, w: Workload, arrays: int) -> int:
-    """A stream record: ``arrays`` arrays of (samples, seqlen, hidden), written per micro-batch."""
+    """A stream record: ``arrays`` arrays of (samples, seqlen, hidden), written per micro-batch, in
+    chunks of ``micro_batch`` samples (the last chunk is stored whole, however few samples it holds)."""
     slices = math.ceil(w.samples / w.micro_batch)
-    return RECORD_META + 200 + arrays * array_bytes((w.samples, w.seqlen, shape.hidden), w.dtype_bytes, slices)
+    return RECORD_META + 200 + arrays * array_bytes((slices * w.micro_batch, w.seqlen, shape.hidden), w.dtype_bytes,
+                                                    slices)
 
 
 def weights_record(shape: Shape, w: Workload) -> int:

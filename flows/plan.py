@@ -8,6 +8,7 @@ shapes (``flows.costs``), so a model can be planned from its ``config.json`` alo
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -16,8 +17,9 @@ from pathlib import Path
 from loaq.configs.load import ConfigError
 from loaq.configs.schema import QuantizeConfig, RunConfig
 from loaq.stages.context import Runtime, StageContext
-from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, layer_key, pending_layer_key,
-                              perplexity_key, search_key, weights_key, zero_shot_key)
+from loaq.stages.keys import (calibration_key, chain_id, chain_keys, clean_key, embed_key, holdout_key,
+                              holdout_state_key, layer_key, pending_layer_key, perplexity_key, search_key, weights_key,
+                              zero_shot_key)
 from loaq.stages.model import ModelRef, prepare_model
 from loaq.stages.report import variant_label
 from loaq.stages.search import resolve
@@ -50,6 +52,9 @@ class Plan:
     clean: list[str] = field(default_factory=list)  # clean stream after each layer
     chain: list[str] = field(default_factory=list)  # quantized stream after each layer
     searches: list[str | None] = field(default_factory=list)  # a search run's layer searches (None: not known yet)
+    holdout: str | None = None  # a search run's held-out windows
+    held_embedding: str | None = None
+    held_clean: list[str] = field(default_factory=list)  # their clean stream after each layer
     quantize: QuantizeConfig | None = None  # the run's quantization with the searches done so far resolved
     weights: list[str] = field(default_factory=list)
     variant: str | None = None
@@ -132,11 +137,14 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
         needed = None if keep_clean or not weights[index] or not is_complete(weights[index]) else ()
         out.append(stage("clean-layer", index, [clean[index]], clean_layer_cost(shape, w), clean_rec * keep_clean,
                          needed))
+    transient = 0
     if config.quantize.search is not None:
         searches = keys.get("searches", [None] * L)
         for index in range(L):
             cost = search_layer_cost(shape, w)
             out.append(stage("layer-search", index, [searches[index]], cost, cost.written))
+        out_held, transient = _held_out_stages(config, shape, w, keys, weights, stage, is_complete)
+        out += out_held
     for index in range(L):
         keep_state = store.keep_quant_states == "all" or index == L - 1
         out.append(stage("quantize-layer", index, [chain[index], weights[index]], quantize_layer_cost(shape, w),
@@ -151,8 +159,33 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
         for which in ("fp", "quantized"):
             cost = zero_shot_cost(shape, w)
             out.append(stage("zero-shot", None, [keys.get("zero_shot", {}).get(which)], cost, cost.written))
+    transient += (clean_rec if store.keep_clean_states == "last" else 0) + \
+        (state_rec if store.keep_quant_states == "last" else 0)
+    return out, transient
+
+
+def _held_out_stages(config: RunConfig, shape: Shape, w: Workload, keys: dict, weights: list, stage,
+                     is_complete) -> tuple[list[Stage], int]:
+    """A search's held-out windows: their tokens and embedding, and per layer their clean stream and
+    their quantized stream, kept as the calibration's streams are; and the transient bytes of those."""
+    store, L = config.store, shape.layers
+    hw = dataclasses.replace(w, samples=config.quantize.search.held_windows(w.samples))
+    clean_rec, state_rec = hidden_record(shape, hw, 3), hidden_record(shape, hw, 1)
+    clean, chain = keys.get("held_clean", [None] * L), keys.get("chain", [None] * L)
+    embedding = keys.get("held_embedding")
+    out = [stage("holdout", None, [keys.get("holdout")], calibration_cost(hw), calibration_cost(hw).written),
+           stage("holdout-embed", None, [embedding], embed_cost(shape, hw), embed_cost(shape, hw).written)]
+    for index in range(L):
+        keep = store.keep_clean_states == "all" or index == L - 1
+        needed = None if keep or not weights[index] or not is_complete(weights[index]) else ()
+        out.append(stage("holdout-clean", index, [clean[index]], clean_layer_cost(shape, hw), clean_rec * keep, needed))
+    for index in range(L):
+        keep = store.keep_quant_states == "all" or index == L - 1
+        state = chain[index] and embedding and holdout_state_key(chain[index], embedding)
+        out.append(stage("holdout-layer", index, [state], clean_layer_cost(shape, hw).with_written(state_rec),
+                         state_rec * keep, None if keep else [weights[index]]))
     transient = (clean_rec if store.keep_clean_states == "last" else 0) + \
-                (state_rec if store.keep_quant_states == "last" else 0)
+        (state_rec if store.keep_quant_states == "last" else 0)
     return out, transient
 
 
@@ -176,10 +209,17 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
     w = workload(config, ctx.runtime)
     keys = {"calibration": calibration, "embedding": embedding, "clean": clean, "chain": chain, "evals": evals,
             "zero_shot": zero_shot, "searches": searches}
+    if config.quantize.search is not None:
+        keys["holdout"] = holdout_key(calibration, config.quantize.search.held_windows(config.calibration.n_samples))
+        keys["held_embedding"] = prev = embed_key(ctx, model, keys["holdout"])
+        keys["held_clean"] = []
+        for index in range(model.num_layers):
+            prev = clean_key(ctx, model, index, prev)
+            keys["held_clean"].append(prev)
     stages, transient = _stages(config, shape, w, keys, ctx.store.is_complete)
-    return Plan(model, shape, w, calibration, embedding, clean, chain, searches, quantize,
-                [weights_key(k) for k in chain], chain_id(embedding, config.quantize), evals, zero_shot, stages,
-                transient)
+    return Plan(model, shape, w, calibration, embedding, clean, chain, searches, keys.get("holdout"),
+                keys.get("held_embedding"), keys.get("held_clean", []), quantize, [weights_key(k) for k in chain],
+                chain_id(embedding, config.quantize), evals, zero_shot, stages, transient)
 
 
 def check_layers(config: RunConfig, num_layers: int) -> None:

@@ -27,7 +27,7 @@ from loaq.flows.plan import Plan, baseline_chains, plan
 from loaq.flows.space import check_space, out_of_space
 from loaq.stages.context import Runtime, StageContext
 from loaq.stages.evaluate import perplexity_stage, zero_shot_stage
-from loaq.stages.keys import clean_key, embed_key, holdout_key, holdout_state_key, layer_key, search_key, weights_key
+from loaq.stages.keys import holdout_state_key, layer_key, search_key, weights_key
 from loaq.stages.model import prepare_model
 from loaq.stages.progress import LayerProgress
 from loaq.stages.quantize import quantize_layer_stage
@@ -129,11 +129,9 @@ class _HeldOut:
     """The search's held-out windows through the layers: their clean stream (the calibration's
     stages on the held-out draw) and their quantized stream through each finished layer."""
 
-    def __init__(self, ctx: StageContext, config: RunConfig, model, embedding: str):
-        self.ctx, self.config, self.model, self.embedding = ctx, config, model, embedding
-        self.clean = [embedding]
-        for index in range(model.num_layers):
-            self.clean.append(clean_key(ctx, model, index, self.clean[-1]))
+    def __init__(self, ctx: StageContext, config: RunConfig, model, p: Plan):
+        self.ctx, self.config, self.model, self.embedding = ctx, config, model, p.held_embedding
+        self.clean = [p.held_embedding, *p.held_clean]
 
     def state(self, index: int, chain: list[str]) -> str:
         """The held-out quantized stream after layer ``index`` (the embedding before layer 0)."""
@@ -163,11 +161,9 @@ class _HeldOut:
 
 def _holdout(ctx: StageContext, config: RunConfig, model, p: Plan) -> _HeldOut:
     n = config.quantize.search.held_windows(config.calibration.n_samples)
-    key = holdout_key(p.calibration, n)
-    reuse_or_run(ctx, "holdout", key, lambda: holdout_stage(ctx, model, config.calibration, n, config.data_dir))
-    embedding = embed_key(ctx, model, key)
-    reuse_or_run(ctx, "embed", embedding, lambda: embed_stage(ctx, model, key))
-    return _HeldOut(ctx, config, model, embedding)
+    reuse_or_run(ctx, "holdout", p.holdout, lambda: holdout_stage(ctx, model, config.calibration, n, config.data_dir))
+    reuse_or_run(ctx, "embed", p.held_embedding, lambda: embed_stage(ctx, model, p.holdout))
+    return _HeldOut(ctx, config, model, p)
 
 
 def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:

@@ -58,7 +58,7 @@ def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Quan
     held_in = RecordArray(ctx.store.open(held_input_key), HIDDEN)
     hq_out = MemoryArray(shape=hq_in.shape, dtype=ctx.runtime.dtype)
     result = LayerSearch(quantizer, cfg.search).run(clean, hq_in, hq_out, held_clean, held_in)
-    strengths = quantizer.strengths  # the run's alpha_in with the chosen alpha_out and beta
+    strengths = result.choice  # the run's alpha_in with the chosen alpha_out and beta
     resolved = cfg.with_layer(index, choice_setting(strengths))
     chain_key = layer_key(quant_input_key, resolved, index)
 

@@ -40,11 +40,11 @@ def weights_of(url) -> dict:
             for i in store.list(kind="weights") if i.complete for name in store.open(i.key).names}
 
 
-def plan_of(config_path):
+def plan_of(config_path, overrides=()):
     from loaq.flows.plan import plan
     from loaq.flows.quantize import open_context
 
-    config = load_config(str(config_path))
+    config = load_config(str(config_path), list(overrides))
     return plan(open_context(config), config)
 
 
@@ -68,6 +68,27 @@ def test_plan_bytes_kept_match_the_store_after_a_run(tmp_path, checkpoint, share
     assert len(clean_kept) == (p.shape.layers if keep == "all" else 1)
     store = Store(str(tmp_path / "store"))
     assert sum(store.is_complete(k) for k in p.clean) == len(clean_kept)
+
+
+def test_plan_counts_a_search_runs_held_out_streams(tmp_path, checkpoint, shared_data, capsys):
+    """The search's held-out windows are carried through every layer in both streams: the plan counts
+    their records, kept by the same retention as the calibration's, and matches the store after the run."""
+    config = write_config(tmp_path / "c.yaml", checkpoint, tmp_path / "store", shared_data,
+                          search={"alpha": [0.25, 0.75], "beta": [0.0]})
+    last = ["store.keep_clean_states=last"]
+    before = plan_of(config, last)
+    kinds = [s.kind for s in before.stages]
+    assert kinds.count("holdout-clean") == kinds.count("holdout-layer") == before.shape.layers
+    assert main(["run", str(config), "--set", last[0]]) == 0
+    capsys.readouterr()
+    p = plan_of(config, last)
+    assert all(s.complete for s in p.stages) and p.bytes_to_add() == 0
+    real = store_bytes(tmp_path / "store")
+    assert abs(p.kept_bytes() - real) <= 0.05 * real, (p.kept_bytes(), real)
+    held = sum(s.kept for s in p.stages if s.kind.startswith("holdout"))
+    assert held > 0.05 * real  # without them the plan would fall short by more than its tolerance
+    store = Store(str(tmp_path / "store"))
+    assert [store.is_complete(k) for k in p.held_clean] == [False] * (p.shape.layers - 1) + [True]
 
 
 def test_keep_clean_states_last_gives_the_same_weights_and_recomputes_for_a_variant(tmp_path, checkpoint,

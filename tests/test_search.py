@@ -161,7 +161,7 @@ def test_held_out_windows_decide_between_candidates():
         quantizer, clean, hq, held_clean, held_hq = _layer_zero(randint((6, 32), 0), randint((2, 32), seed), cfg)
         result = LayerSearch(quantizer, search).run(clean, hq, MemoryArray(shape=hq.shape), held_clean, held_hq)
         for sub, pairs in result.scores.items():
-            assert result.choice[sub] == min(pairs, key=lambda s: s[2])[:2]
+            assert result.choice[sub] == (cfg.alpha_in, *min(pairs, key=lambda s: s[2])[:2])
         scores.append(result.scores["attn"])
     assert [s[:2] for s in scores[0]] == [s[:2] for s in scores[1]] == [(0.25, 0.5), (0.75, 0.5)]
     assert all(a[2] != b[2] for a, b in zip(*scores))
