@@ -8,7 +8,7 @@ Everything else (candidates, solves, the choice per sub-layer, the stored record
 search. A store of its own: the search record's key does not name this objective. Writes
 ``bench/results/search_fisher_<bits>.json`` (perplexity and the choice per layer).
 
-    .venv/bin/python bench/search_fisher.py --bits 3
+    .venv/bin/python bench/search_fisher.py --bits 3 [--holdout 1]
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def held_out_gradients(config) -> dict[tuple[int, str], torch.Tensor]:
     grads = {}
 
     def keep(index, name):
-        return lambda g: grads.__setitem__((index, name), g.detach().clone())
+        return lambda g: grads.setdefault((index, name), []).append(g.detach().clone())
 
     for i, layer in enumerate(model.model.layers):
         # The attention's residual output is the post-attention norm's input; the MLP's is the layer's output.
@@ -54,9 +54,10 @@ def held_out_gradients(config) -> dict[tuple[int, str], torch.Tensor]:
             lambda m, a, i=i: a[0].register_hook(keep(i, "attn")) and None)
         layer.register_forward_hook(
             lambda m, a, o, i=i: (o[0] if isinstance(o, tuple) else o).register_hook(keep(i, "mlp")) and None)
-    out = model(tokens, labels=tokens)
-    (out.loss * tokens.numel()).backward()
-    return grads
+    for chunk in tokens.split(4):  # windows are independent: a few at a time bounds the logits' memory
+        out = model(chunk, labels=chunk)
+        (out.loss * chunk.numel()).backward()
+    return {k: torch.cat(v) for k, v in grads.items()}
 
 
 def fisher_score(grads):
@@ -76,21 +77,24 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--store", default=".loaq/bench-search-fisher")
+    ap.add_argument("--holdout", type=float, default=0.25, help="quantize.search.holdout")
     args = ap.parse_args()
     config = load_config("default", [f"store.url={args.store}", "evaluation.datasets=[wikitext2]",
                                      f"quantize.bits={args.bits}",
-                                     "quantize.search={alpha: [0.25, 0.5, 0.75], beta: [0.0, 0.25, 0.5]}"])
+                                     "quantize.search={alpha: [0.25, 0.5, 0.75], beta: [0.0, 0.25, 0.5], "
+                                     f"holdout: {args.holdout}}}"])
     search.LayerSearch._score = fisher_score(held_out_gradients(config))
     result = quantize_flow(config)
     ctx = open_context(config)
     ppl = {d: ctx.store.open(k["quantized"]).attrs["ppl"] for d, k in result["evals"].items()}
     choice = [{sub: s[1:] for sub, s in row["strengths"].items()} for row in weights_rows(ctx, result["weights"])]
-    print(f"W{args.bits} search, fisher objective: WikiText-2 {ppl['wikitext2']:.3f}")
+    print(f"W{args.bits} search, fisher objective, holdout {args.holdout:g}: WikiText-2 {ppl['wikitext2']:.3f}")
     for i, c in enumerate(choice):
         print(f"  layer {i:2d}: attn (alpha_out, beta) {c['attn']}  mlp {c['mlp']}")
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"search_fisher_{args.bits}.json").write_text(json.dumps({"bits": args.bits, "ppl": ppl,
-                                                                         "choice": choice}, indent=1))
+    name = f"search_fisher_{args.bits}" + ("" if args.holdout == 0.25 else f"_holdout{args.holdout:g}")
+    (RESULTS / f"{name}.json").write_text(json.dumps({"bits": args.bits, "holdout": args.holdout, "ppl": ppl,
+                                                      "choice": choice}, indent=1))
 
 
 if __name__ == "__main__":
