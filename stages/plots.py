@@ -96,7 +96,7 @@ def plot_strengths(layers: list[dict], path: str, title: str = "", drift: dict[s
     fig, axes = plt.subplots(1, panels, figsize=(4.4 * panels, 3.8))
     x = [row["layer"] for row in layers]
     subs = list(layers[0]["strengths"]) if layers else []
-    for ax, (name, column) in zip(axes, (("alpha (alpha_in = alpha_out)", 1), ("beta", 2))):
+    for ax, (name, column) in zip(axes, (("alpha_out", 1), ("beta", 2))):
         for i, sub in enumerate(subs):
             values = [row["strengths"][sub][column] for row in layers]
             ax.step(x, [v + (i - 0.5) * 0.012 for v in values], where="mid", marker="o", ms=3, lw=1.2, label=sub)
