@@ -131,12 +131,8 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
            stage("embed", None, [keys.get("embedding")], embed_cost(shape, w), embed_cost(shape, w).written)]
     clean, chain = keys.get("clean", [None] * L), keys.get("chain", [None] * L)
     weights = [k and weights_key(k) for k in chain]
-    for index in range(L):
-        keep_clean = store.keep_clean_states == "all" or index == L - 1
-        # A clean state that retention drops is done with once its layer is quantized.
-        needed = None if keep_clean or not weights[index] or not is_complete(weights[index]) else ()
-        out.append(stage("clean-layer", index, [clean[index]], clean_layer_cost(shape, w), clean_rec * keep_clean,
-                         needed))
+    out += _clean_stages("clean-layer", clean, weights, clean_layer_cost(shape, w), clean_rec, store, stage,
+                         is_complete)
     transient = 0
     if config.quantize.search is not None:
         searches = keys.get("searches", [None] * L)
@@ -159,9 +155,25 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
         for which in ("fp", "quantized"):
             cost = zero_shot_cost(shape, w)
             out.append(stage("zero-shot", None, [keys.get("zero_shot", {}).get(which)], cost, cost.written))
-    transient += (clean_rec if store.keep_clean_states == "last" else 0) + \
-        (state_rec if store.keep_quant_states == "last" else 0)
-    return out, transient
+    return out, transient + _transient(store, clean_rec, state_rec)
+
+
+def _clean_stages(kind: str, clean: list, weights: list, cost: Cost, record: int, store, stage,
+                  is_complete) -> list[Stage]:
+    """One clean-stream stage per layer, kept as ``store.keep_clean_states`` says."""
+    out = []
+    for index in range(len(clean)):
+        keep = store.keep_clean_states == "all" or index == len(clean) - 1
+        # A clean state that retention drops is done with once its layer is quantized.
+        needed = None if keep or not weights[index] or not is_complete(weights[index]) else ()
+        out.append(stage(kind, index, [clean[index]], cost, record * keep, needed))
+    return out
+
+
+def _transient(store, clean_record: int, state_record: int) -> int:
+    """The records that exist only while a layer runs, under the retention settings."""
+    return (clean_record if store.keep_clean_states == "last" else 0) + \
+        (state_record if store.keep_quant_states == "last" else 0)
 
 
 def _held_out_stages(config: RunConfig, shape: Shape, w: Workload, keys: dict, weights: list, stage,
@@ -175,18 +187,14 @@ def _held_out_stages(config: RunConfig, shape: Shape, w: Workload, keys: dict, w
     embedding = keys.get("held_embedding")
     out = [stage("holdout", None, [keys.get("holdout")], calibration_cost(hw), calibration_cost(hw).written),
            stage("holdout-embed", None, [embedding], embed_cost(shape, hw), embed_cost(shape, hw).written)]
-    for index in range(L):
-        keep = store.keep_clean_states == "all" or index == L - 1
-        needed = None if keep or not weights[index] or not is_complete(weights[index]) else ()
-        out.append(stage("holdout-clean", index, [clean[index]], clean_layer_cost(shape, hw), clean_rec * keep, needed))
+    out += _clean_stages("holdout-clean", clean, weights, clean_layer_cost(shape, hw), clean_rec, store, stage,
+                         is_complete)
     for index in range(L):
         keep = store.keep_quant_states == "all" or index == L - 1
         state = chain[index] and embedding and holdout_state_key(chain[index], embedding)
         out.append(stage("holdout-layer", index, [state], clean_layer_cost(shape, hw).with_written(state_rec),
                          state_rec * keep, None if keep else [weights[index]]))
-    transient = (clean_rec if store.keep_clean_states == "last" else 0) + \
-        (state_rec if store.keep_quant_states == "last" else 0)
-    return out, transient
+    return out, _transient(store, clean_rec, state_rec)
 
 
 def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) -> Plan:
@@ -195,10 +203,7 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
     check_layers(config, model.num_layers)
     calibration = calibration_key(model, config.calibration, config.data_dir)
     embedding = embed_key(ctx, model, calibration)
-    clean, prev = [], embedding
-    for index in range(model.num_layers):
-        prev = clean_key(ctx, model, index, prev)
-        clean.append(prev)
+    clean = _clean_keys(ctx, model, embedding)
     quantize, chain, searches = resolved_chain(ctx.store, embedding, config.quantize, model.num_layers)
     evals = {d: {"fp": perplexity_key(ctx, model, None, d, config.evaluation, config.data_dir),
                  "quantized": perplexity_key(ctx, model, chain, d, config.evaluation, config.data_dir)}
@@ -211,15 +216,20 @@ def plan(ctx: StageContext, config: RunConfig, model: ModelRef | None = None) ->
             "zero_shot": zero_shot, "searches": searches}
     if config.quantize.search is not None:
         keys["holdout"] = holdout_key(calibration, config.quantize.search.held_windows(config.calibration.n_samples))
-        keys["held_embedding"] = prev = embed_key(ctx, model, keys["holdout"])
-        keys["held_clean"] = []
-        for index in range(model.num_layers):
-            prev = clean_key(ctx, model, index, prev)
-            keys["held_clean"].append(prev)
+        keys["held_embedding"] = embed_key(ctx, model, keys["holdout"])
+        keys["held_clean"] = _clean_keys(ctx, model, keys["held_embedding"])
     stages, transient = _stages(config, shape, w, keys, ctx.store.is_complete)
     return Plan(model, shape, w, calibration, embedding, clean, chain, searches, keys.get("holdout"),
                 keys.get("held_embedding"), keys.get("held_clean", []), quantize, [weights_key(k) for k in chain],
                 chain_id(embedding, config.quantize), evals, zero_shot, stages, transient)
+
+
+def _clean_keys(ctx: StageContext, model: ModelRef, embedding: str) -> list[str]:
+    """The clean stream's keys after each layer, from the embedding of a draw of windows."""
+    keys = []
+    for index in range(model.num_layers):
+        keys.append(clean_key(ctx, model, index, keys[-1] if keys else embedding))
+    return keys
 
 
 def check_layers(config: RunConfig, num_layers: int) -> None:
