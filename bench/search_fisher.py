@@ -35,8 +35,11 @@ from loaq.stages.streams import calibration_spec  # noqa: E402
 RESULTS = Path(__file__).parent / "results"
 
 
-def held_out_gradients(config) -> dict[tuple[int, str], torch.Tensor]:
-    """(layer, sub-layer) -> d(sum of NLL)/d(residual stream after the sub-layer), (n, seqlen, d)."""
+def held_out_gradients(config, samples: int = 0) -> dict[tuple[int, str], torch.Tensor]:
+    """(layer, sub-layer) -> d(sum of NLL)/d(residual stream after the sub-layer): (n, seqlen, d) for the
+    text's own next tokens (``samples`` 0), else (samples, n, seqlen, d), each for labels drawn from
+    the full-precision model's own next-token distribution (so that the mean of (g . e)^2 over the
+    draws is e's second-order KL, e^T F e, F the model's Fisher)."""
     ctx = open_context(config)
     checkpoint = prepare_model.fn(config.model, ctx.model_cache).open()
     spec = calibration_spec(config.calibration)
@@ -54,13 +57,24 @@ def held_out_gradients(config) -> dict[tuple[int, str], torch.Tensor]:
             lambda m, a, i=i: a[0].register_hook(keep(i, "attn")) and None)
         layer.register_forward_hook(
             lambda m, a, o, i=i: (o[0] if isinstance(o, tuple) else o).register_hook(keep(i, "mlp")) and None)
-    for chunk in tokens.split(4):  # windows are independent: a few at a time bounds the logits' memory
-        out = model(chunk, labels=chunk)
-        (out.loss * chunk.numel()).backward()
-    return {k: torch.cat(v) for k, v in grads.items()}
+    generator = torch.Generator().manual_seed(0)
+    chunks = tokens.split(4)  # windows are independent: a few at a time bounds the logits' memory
+    for chunk in chunks:
+        if not samples:
+            out = model(chunk, labels=chunk)
+            (out.loss * chunk.numel()).backward()
+            continue
+        logp = model(chunk).logits.log_softmax(-1)
+        probs = logp.detach().exp().flatten(0, 1)
+        for s in range(samples):
+            y = torch.multinomial(probs, 1, generator=generator).view(chunk.shape)
+            (-logp.gather(-1, y[..., None]).sum()).backward(retain_graph=s < samples - 1)
+    if not samples:
+        return {k: torch.cat(v) for k, v in grads.items()}
+    return {k: torch.stack([torch.cat(v[s::samples]) for s in range(samples)]) for k, v in grads.items()}
 
 
-def fisher_score(grads):
+def fisher_score(grads, sampled: bool):
     def score(self, position, sub, clean, hq, x, Q, bias):
         q, err = self.q, 0.0
         Q = Q.to(device=q.device, dtype=q.dtype)
@@ -68,7 +82,10 @@ def fisher_score(grads):
         for start, stop in micro_batches(hq.shape[0], q.micro_batch):
             u = q.clean_input(clean, position, start, stop) + q.load(clean.out[sub.name], start, stop)
             uq = q.load(hq, start, stop) + torch.nn.functional.linear(q.load(x, start, stop), Q, bias)
-            err += float(((g_all[start:stop] * (uq - u)) ** 2).sum())
+            if sampled:  # the mean over draws of (g . e)^2 per token
+                err += float(((g_all[:, start:stop] * (uq - u)).sum(-1) ** 2).mean(0).sum())
+            else:
+                err += float(((g_all[start:stop] * (uq - u)) ** 2).sum())
         return err
     return score
 
@@ -78,12 +95,14 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=3)
     ap.add_argument("--store", default=".loaq/bench-search-fisher")
     ap.add_argument("--holdout", type=float, default=0.25, help="quantize.search.holdout")
+    ap.add_argument("--samples", type=int, default=0,
+                    help="0: the text's own labels, diagonal weighting; k: k label draws from the model (KL)")
     args = ap.parse_args()
     config = load_config("default", [f"store.url={args.store}", "evaluation.datasets=[wikitext2]",
                                      f"quantize.bits={args.bits}",
                                      "quantize.search={alpha: [0.25, 0.5, 0.75], beta: [0.0, 0.25, 0.5], "
                                      f"holdout: {args.holdout}}}"])
-    search.LayerSearch._score = fisher_score(held_out_gradients(config))
+    search.LayerSearch._score = fisher_score(held_out_gradients(config, args.samples), args.samples > 0)
     result = quantize_flow(config)
     ctx = open_context(config)
     ppl = {d: ctx.store.open(k["quantized"]).attrs["ppl"] for d, k in result["evals"].items()}
@@ -92,8 +111,9 @@ def main() -> None:
     for i, c in enumerate(choice):
         print(f"  layer {i:2d}: attn (alpha_out, beta) {c['attn']}  mlp {c['mlp']}")
     RESULTS.mkdir(exist_ok=True)
-    name = f"search_fisher_{args.bits}" + ("" if args.holdout == 0.25 else f"_holdout{args.holdout:g}")
-    (RESULTS / f"{name}.json").write_text(json.dumps({"bits": args.bits, "holdout": args.holdout, "ppl": ppl,
+    name = (f"search_fisher_{args.bits}" + ("" if args.holdout == 0.25 else f"_holdout{args.holdout:g}")
+            + (f"_kl{args.samples}" if args.samples else ""))
+    (RESULTS / f"{name}.json").write_text(json.dumps({"bits": args.bits, "holdout": args.holdout, "samples": args.samples, "ppl": ppl,
                                                       "choice": choice}, indent=1))
 
 
