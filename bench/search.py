@@ -13,6 +13,10 @@ layer beside the drift of the search and of the best fixed pair).
 
     .venv/bin/python bench/search.py                         # W3 and W4, alpha 0.25/0.5/0.75 x beta 0/0.25/0.5
     .venv/bin/python bench/search.py --bits 3 --set calibration.n_samples=16
+    .venv/bin/python bench/search.py --bits 3 --search "objective: kl, last: 4"
+
+The search row runs on a store of its own (``<store>-search``), so that it computes every layer even
+where it quantizes some with the run's own pair (``last``), as the fixed row of that pair does.
 """
 
 from __future__ import annotations
@@ -64,10 +68,11 @@ def main() -> None:
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--store", default=None, help="store URL (default: a fresh one under .loaq/)")
     ap.add_argument("--out", default=str(RESULTS / "search"))
+    ap.add_argument("--search", default="", help="more quantize.search settings, e.g. \"objective: kl, last: 4\"")
     args = ap.parse_args()
     store = args.store or f".loaq/bench-search-{time.strftime('%Y%m%d-%H%M%S')}"
     base = ["evaluation.datasets=[wikitext2]", *args.overrides, f"store.url={store}", "store.keep_quant_states=last"]
-    grid = f"{{alpha: {list(args.alpha)}, beta: {list(args.beta)}}}"
+    grid = f"{{alpha: {list(args.alpha)}, beta: {list(args.beta)}{', ' + args.search if args.search else ''}}}"
     out = Path(args.out)
     rows: list[dict] = []
     header = None
@@ -77,7 +82,8 @@ def main() -> None:
                                                         f"quantize.alpha_in={a}", f"quantize.alpha_out={a}",
                                                         f"quantize.beta={b}"])
                      for a in args.alpha for b in args.beta]
-        variants.append(("loaq search", None, ["quantize.method=loaq", f"quantize.bits={bits}", f"quantize.search={grid}"]))
+        variants.append(("loaq search", None, ["quantize.method=loaq", f"quantize.bits={bits}", f"quantize.search={grid}",
+                                               f"store.url={store}-search"]))
         for label, pair, overrides in variants:
             name = "bench-search-w{}-{}".format(bits, label.replace(" ", "-").replace("=", ""))
             r = run(args.config, [*base, *overrides, f"name={name}"])
@@ -96,8 +102,15 @@ def _header(args, store) -> dict:
     c = config.calibration
     return {"model": config.model.source, "calibration": f"{c.n_samples}x{c.seqlen} {c.dataset} (seed {c.seed})",
             "evaluation": f"WikiText-2 test {config.evaluation.max_windows}x{config.evaluation.seqlen}",
-            "alpha": args.alpha, "beta": args.beta, "threads": torch.get_num_threads(),
+            "alpha": args.alpha, "beta": args.beta, "search": config_search(args), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "store": store}
+
+
+def config_search(args) -> str:
+    """The search's settings as the table states them (the config's defaults filled in)."""
+    grid = f"{{alpha: {list(args.alpha)}, beta: {list(args.beta)}{', ' + args.search if args.search else ''}}}"
+    search = load_config(args.config, [*args.overrides, f"quantize.search={grid}"]).quantize.search
+    return f"objective {search.objective}, holdout {search.holdout:g}" + (f", last {search.last}" if search.last else "")
 
 
 def summary(rows: list[dict]) -> list[dict]:
@@ -122,9 +135,9 @@ def summary(rows: list[dict]) -> list[dict]:
 
 def _table(header: dict, rows: list[dict]) -> str:
     lines = [f"_{header['model']}, calibration {header['calibration']}, evaluation {header['evaluation']} (GPTQ "
-             f"protocol, token perplexity); search grid alpha {header['alpha']} x beta {header['beta']}, objective noa, "
-             f"holdout 0.25; CPU, {header['threads']} threads, torch {header['torch']}, {header['date']}; every row "
-             f"computed in one process on one fresh store_", "",
+             f"protocol, token perplexity); search grid alpha {header['alpha']} x beta {header['beta']}, "
+             f"{header.get('search', 'objective noa, holdout 0.25')}; CPU, {header['threads']} threads, torch {header['torch']}, {header['date']}; every row "
+             f"computed in one process on fresh stores_", "",
              "| width | variant | WikiText-2 ppl | quantize s |", "| --- | --- | ---: | ---: |"]
     for r in rows:
         lines.append(f"| W{r['bits']} | {r['label']} | {r['ppl']['wikitext2']:.3f} | {r['quantize_seconds']} |")

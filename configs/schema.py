@@ -73,9 +73,14 @@ class SearchConfig(Strict):
 
     alpha: tuple[float, ...] = Field((0.25, 0.5, 0.75), min_length=1, description="candidate alpha_out values")
     beta: tuple[float, ...] = Field((0.0, 0.25, 0.5), min_length=1, description="candidate beta values")
-    objective: Literal["noa"] = Field(
+    objective: Literal["noa", "kl"] = Field(
         "noa", description="noa: the sub-layer's RMS-normalised output error on the held-out windows, "
-        "sum ||s(h + Y) - s_hat(h_hat + Y_hat)||^2 / sum ||s(h + Y)||^2 (the paper's eq. 12 quantity)")
+        "sum ||s(h + Y) - s_hat(h_hat + Y_hat)||^2 / sum ||s(h + Y)||^2 (the paper's eq. 12 quantity); "
+        "kl: the mean KL per held-out token of the model's next-token distribution from the full-precision "
+        "model's, the rest of the model behind the sub-layer run in full precision (holds the later layers' "
+        "weights while a layer is searched: meant with a small `last`)")
+    last: int | None = Field(None, ge=1, description="search only the last N layers; the earlier ones are quantized "
+                             "with the run's own strengths (alpha_in, alpha_out, beta); unset: every layer")
     holdout: float = Field(0.25, gt=0, le=4, description="held-out windows as a share of calibration.n_samples: "
                            "drawn after the calibration windows by the same rule, overlapping none of them, and "
                            "carried through every layer in both streams")
@@ -90,6 +95,10 @@ class SearchConfig(Strict):
     def candidates(self) -> list[tuple[float, float]]:
         """(alpha_out, beta) pairs in a fixed order: the first of equal scores wins."""
         return [(a, b) for a in self.alpha for b in self.beta]
+
+    def first_searched(self, num_layers: int) -> int:
+        """The first layer searched; the layers before it are quantized with the run's strengths."""
+        return 0 if self.last is None else max(0, num_layers - self.last)
 
     def held_windows(self, n_samples: int) -> int:
         """How many held-out windows go with ``n_samples`` calibration windows."""

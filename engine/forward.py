@@ -17,6 +17,13 @@ from .arrays import MemoryArray, SampleArray, micro_batches
 from .sources import WeightSource
 
 
+def final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The model's final RMSNorm, with transformers' operation order (float32 statistics)."""
+    h = hidden.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(hidden.dtype)
+
+
 @torch.no_grad()
 def embed(source: WeightSource, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """tokens: (n, seqlen) -> hidden states (n, seqlen, d) on the host."""

@@ -6,7 +6,10 @@ What runs when (``LayerSearch.run``; one decoder layer, its sub-layers in order)
         1. W_in as the run quantizes it (its alpha_in), on every calibration window
         2. W_out's H and both parts of its R (LLOA, SOA) on every calibration window, once; one GPTQ
            of every candidate's target R = alpha_out·R_lloa + beta·R_soa
-        3. score each candidate on the held-out windows (``normalised_output_error``)
+        3. score each candidate on the held-out windows: ``noa``, the sub-layer's RMS-normalised
+           output error (``normalised_output_error``); ``kl``, the KL of the final next-token
+           distribution from the full-precision model's, the rest of the model run in full
+           precision behind the sub-layer (``tail.FullPrecisionTail``)
         4. W_out as the run configured with the best candidate quantizes it; both streams advance
 
 The held-out windows are a separate draw (``data.calibration.sample_holdout``) carried through
@@ -31,10 +34,11 @@ import torch.nn.functional as F
 from loaq.configs.schema import SearchConfig
 from loaq.models.adapters import SubLayer
 from loaq.quant import (ProjectedTermStats, QuantizedWeight, damp_hessian, gptq, loaq_target,
-                        normalised_output_error, projected_terms)
+                        normalised_output_error, projected_terms, summed_kl)
 
 from .arrays import MemoryArray, SampleArray, micro_batches
 from .layer import CleanStream, LayerQuantizer, LayerResult, take_rows
+from .tail import FullPrecisionTail
 
 
 @dataclass
@@ -52,8 +56,10 @@ class LayerSearch:
     """The search over ``search``'s candidates for one layer, on a ``LayerQuantizer`` of the layer
     built with the run's config (its solver settings, method, norms and alpha_in)."""
 
-    def __init__(self, quantizer: LayerQuantizer, search: SearchConfig):
-        self.q, self.search = quantizer, search
+    def __init__(self, quantizer: LayerQuantizer, search: SearchConfig, tail: FullPrecisionTail | None = None):
+        if search.objective == "kl" and tail is None:
+            raise ValueError("the kl objective needs the model behind the layer (tail)")
+        self.q, self.search, self.tail = quantizer, search, tail
         terms = quantizer.terms
         # Candidates that are equal once the method's unused terms are zeroed are tried once.
         self.candidates = list(dict.fromkeys((a if terms.lloa else 0.0, b if terms.soa else 0.0)
@@ -95,8 +101,10 @@ class LayerSearch:
         x_held = MemoryArray(shape=(*held.shape[:-1], W_out.shape[1]), dtype=q.dtype)
         for start, stop in micro_batches(held.shape[0], q.micro_batch):
             x_held.write(start, q.inner(sub, q.load(held, start, stop)))
-        scores = [(a, b, self._score(position, sub, held_clean, held, x_held, q_out.weight, linear.bias))
-                  for (a, b), q_out in zip(self.candidates, q_outs)]
+        Qs = [q_out.weight.to(device=q.device, dtype=q.dtype) for q_out in q_outs]
+        score = self._kl if self.search.objective == "kl" else self._noa
+        scores = [(a, b, s) for (a, b), s in zip(self.candidates,
+                                                 score(position, sub, held_clean, held, x_held, Qs, linear.bias))]
         alpha_out, beta, _ = min(scores, key=lambda s: s[2])  # the first of equal scores
         result.choice[sub.name] = (q.strengths[sub.name][0], alpha_out, beta)
         result.scores[sub.name] = scores
@@ -140,19 +148,39 @@ class LayerSearch:
                 stats.add(q.flat(x), D_lloa, D_soa, s_hat)
         return stats, x_all
 
-    def _score(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, x: SampleArray,
-               Q: torch.Tensor, bias: torch.Tensor | None) -> float:
-        """The objective on the held-out windows: the sub-layer's RMS-normalised output error."""
+    def _noa(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, x: SampleArray,
+             Qs: list[torch.Tensor], bias: torch.Tensor | None) -> list[float]:
+        """Each candidate's RMS-normalised output error of the sub-layer on the held-out windows."""
         q = self.q
-        err = ref = 0.0
-        Q = Q.to(device=q.device, dtype=q.dtype)
+        err, ref = [0.0] * len(Qs), 0.0
+        for start, stop in micro_batches(hq.shape[0], q.micro_batch):
+            u = q.flat(q.clean_input(clean, position, start, stop) + q.load(clean.out[sub.name], start, stop))
+            hq_b, x_b = q.load(hq, start, stop), q.load(x, start, stop)
+            with q.timer("score"):
+                for i, Q in enumerate(Qs):
+                    e, r = normalised_output_error(u, q.flat(hq_b + F.linear(x_b, Q, bias)), q.eps)
+                    err[i] += e
+                ref += r
+        return [e / ref if ref else 0.0 for e in err]
+
+    def _kl(self, position: int, sub: SubLayer, clean: CleanStream, hq: SampleArray, x: SampleArray,
+            Qs: list[torch.Tensor], bias: torch.Tensor | None) -> list[float]:
+        """Each candidate's mean KL per held-out token of the final next-token distribution from the
+        full-precision model's: both streams after the sub-layer, through the full-precision tail.
+        One window at a time, so only two (seqlen, vocab) log-probability arrays are held."""
+        q, tail = self.q, self.tail
+        kl, tokens = [0.0] * len(Qs), 0
         for start, stop in micro_batches(hq.shape[0], q.micro_batch):
             u = q.clean_input(clean, position, start, stop) + q.load(clean.out[sub.name], start, stop)
-            uq = q.load(hq, start, stop) + F.linear(q.load(x, start, stop), Q, bias)
+            hq_b, x_b = q.load(hq, start, stop), q.load(x, start, stop)
             with q.timer("score"):
-                e, r = normalised_output_error(q.flat(u), q.flat(uq), q.eps)
-            err, ref = err + e, ref + r
-        return err / ref if ref else 0.0
+                for w in range(u.shape[0]):
+                    log_p = tail.log_probs(tail.hidden(position, u[w:w + 1]))
+                    for i, Q in enumerate(Qs):
+                        uq = hq_b[w:w + 1] + F.linear(x_b[w:w + 1], Q, bias)
+                        kl[i] += summed_kl(log_p.flatten(0, -2), tail.log_probs(tail.hidden(position, uq)).flatten(0, -2))
+                    tokens += log_p[..., 0].numel()
+        return [k / tokens for k in kl]
 
 
 class _Inner:

@@ -14,15 +14,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from loaq.engine.forward import stream_forward
+from loaq.engine.forward import final_norm, stream_forward
 from loaq.engine.sources import WeightSource
-
-
-def final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The model's final RMSNorm, with transformers' operation order (float32 statistics)."""
-    h = hidden.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(hidden.dtype)
 
 
 @torch.no_grad()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from loaq.configs.schema import SearchConfig
 from loaq.quant.packing import packed_nbytes
 
 # Metadata of one record (group zarr.json with its manifest and completion mark), one array
@@ -203,14 +204,20 @@ def quantize_layer_cost(shape: Shape, w: Workload) -> Cost:
 SEARCH_RECORD = RECORD_META + 2048
 
 
-def search_layer_cost(shape: Shape, w: Workload) -> Cost:
+def search_layer_cost(shape: Shape, w: Workload, search: SearchConfig | None = None, behind: int = 1) -> Cost:
     """A quantize stage's peak and, beside it, the widest input's untouched H (each candidate's solve
-    damps a copy) and the SOA part of W_out's right-hand side."""
+    damps a copy) and the SOA part of W_out's right-hand side. The ``kl`` objective also holds the
+    ``behind`` layers from this one on and the head in full precision, and two windows' log-probabilities."""
     base = quantize_layer_cost(shape, w)
     extra = shape.intermediate * shape.intermediate * 8 + shape.intermediate * shape.hidden * 8
+    host = 0
+    if search is not None and search.objective == "kl":
+        extra += (_layer_modules(shape, w, behind) + shape.vocab * shape.hidden * w.dtype_bytes
+                  + 2 * w.seqlen * shape.vocab * 4)
+        host = shape.vocab * shape.hidden * shape.checkpoint_bytes
     if w.on_device:
-        return Cost(SEARCH_RECORD, base.host, base.device + extra)
-    return Cost(SEARCH_RECORD, base.host + extra, 0)
+        return Cost(SEARCH_RECORD, base.host + host, base.device + extra)
+    return Cost(SEARCH_RECORD, base.host + host + extra, 0)
 
 
 def perplexity_cost(shape: Shape, w: Workload, windows: int, seqlen: int) -> Cost:

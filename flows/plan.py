@@ -136,8 +136,8 @@ def _stages(config: RunConfig, shape: Shape, w: Workload, keys: dict | None,
     transient = 0
     if config.quantize.search is not None:
         searches = keys.get("searches", [None] * L)
-        for index in range(L):
-            cost = search_layer_cost(shape, w)
+        for index in range(config.quantize.search.first_searched(L), L):
+            cost = search_layer_cost(shape, w, config.quantize.search, L - index)
             out.append(stage("layer-search", index, [searches[index]], cost, cost.written))
         out_held, transient = _held_out_stages(config, shape, w, keys, weights, stage, is_complete)
         out += out_held
@@ -243,14 +243,21 @@ def check_layers(config: RunConfig, num_layers: int) -> None:
 
 def resolved_chain(store, embedding: str, q: QuantizeConfig, num_layers: int
                    ) -> tuple[QuantizeConfig, list[str], list[str | None]]:
-    """(config, chain keys, search keys). Without a search, the config's own chain. With one, each
-    complete layer search sets its layer's strengths (``stages.search.resolve``) and so the keys from
-    there on; from the first search not done, the layers' keys are pending ones (no record has them)
-    and so are the later searches' (None)."""
+    """(config, chain keys, search keys). Without a search, the config's own chain. With one, the
+    layers before the first searched one keep the config's own keys (no search: None); each complete
+    layer search sets its layer's strengths (``stages.search.resolve``) and so the keys from there on;
+    from the first search not done, the layers' keys are pending ones (no record has them) and so are
+    the later searches' (None)."""
     if q.search is None:
         return q, chain_keys(embedding, q, num_layers), []
     chain, searches, prev, known = [], [], embedding, True
+    first = q.search.first_searched(num_layers)
     for index in range(num_layers):
+        if index < first:  # quantized with the run's own strengths, as a run without the search
+            prev = layer_key(prev, q, index)
+            chain.append(prev)
+            searches.append(None)
+            continue
         key = search_key(prev, q, index) if known else None
         searches.append(key)
         known = key is not None and store.is_complete(key)

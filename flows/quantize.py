@@ -193,7 +193,7 @@ def _pipeline(ctx: StageContext, config: RunConfig, p: Plan) -> dict:
             reuse_or_run(ctx, "clean-layer", clean[index + 1],
                          lambda: clean_layer_stage(ctx, model, index, clean[index]))
             quant_input = p.embedding if index == 0 else chain[index - 1]
-            if q.search is not None:
+            if q.search is not None and index >= q.search.first_searched(model.num_layers):
                 # The layer's strengths are chosen first; its key follows from them.
                 key = search_key(quant_input, q, index)
                 if not ctx.reuse("layer-search", key):

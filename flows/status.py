@@ -37,10 +37,11 @@ def run_status(config: RunConfig) -> list[str]:
              f"{rotation})",
              f"variant {q.method} {q.scheme}" + (f" g{q.group_size}" if q.group_size else "") +
              (" neuqi" if q.grid_init == "neuqi" else "") +
-             ("" if q.search else f" alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}") +
+             ("" if q.search and q.search.last is None else f" alpha_in={q.alpha_in} alpha_out={q.alpha_out} beta={q.beta}") +
              (f" gptaq_alpha={q.gptaq_alpha}" if q.method == "gptaq" else "") +
              (" clean_stream_reset" if q.resets_clean_stream() else "") +
              (f" search alpha {list(q.search.alpha)} beta {list(q.search.beta)} holdout {q.search.holdout:g}"
+              f" objective {q.search.objective}" + (f" last {q.search.last}" if q.search.last else "")
               if q.search else "") + (f" per-layer settings on layers {sorted(q.layers)}" if q.layers else ""),
              f"{'calibration':<14} {state(p.calibration)}", f"{'embedding':<14} {state(p.embedding)}",
              f"{'layer':>5}  {'clean stream':<22} {'quantized stream':<22} {'weights':<22}" +
@@ -52,7 +53,8 @@ def run_status(config: RunConfig) -> list[str]:
         done += store.is_complete(p.weights[index])
         total += sum(store.size(k) for k in (p.clean[index], p.chain[index], p.weights[index]) if store.is_complete(k))
         if per_layer:
-            known = not q.search or (p.searches[index] and store.is_complete(p.searches[index]))
+            known = (not q.search or index < q.search.first_searched(p.model.num_layers)
+                     or (p.searches[index] and store.is_complete(p.searches[index])))
             row.append(layer_strengths(p.quantize, index) if known else "search not run")
         lines.append(f"{index:5d}  " + " ".join(f"{c:<22}" for c in row).rstrip())
     for dataset, keys in p.evals.items():

@@ -25,7 +25,7 @@ from .hessian import DampedHessian, HessianDampingError, damp_hessian
 from .qronos import qronos, qronos_start
 from .rtn import rtn
 from .stats import (InputStats, ProjectedOutputStats, ProjectedTermStats, noa_factors, normalised_output_error,
-                    projected_difference, projected_terms)
+                    projected_difference, projected_terms, summed_kl)
 from .targets import MismatchProduct, lloa_rhs, loaq_target
 
 __all__ = [
@@ -57,6 +57,7 @@ __all__ = [
     "loaq_target",
     "noa_factors",
     "normalised_output_error",
+    "summed_kl",
     "qronos",
     "qronos_start",
     "quantize_codes",

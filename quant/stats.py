@@ -261,3 +261,10 @@ class ProjectedTermStats(ProjectedOutputStats):
     def rhs(self, alpha: float, beta: float) -> torch.Tensor:
         """R of (α, β), (in, out) float64."""
         return self._R * alpha + self._R_soa * beta
+
+
+def summed_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> float:
+    """Σ over tokens of KL(p ‖ q) between next-token distributions given as log-probabilities
+    (t, vocab): p the reference (full precision), q the quantized model's."""
+    log_p, log_q = log_p.float(), log_q.float()
+    return float((log_p.exp() * (log_p - log_q)).sum())

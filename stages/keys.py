@@ -153,12 +153,16 @@ def chain_id(root_key: str, cfg: QuantizeConfig) -> str:
     return stage_key("chain", ALGORITHM_VERSION, root=root_key, config=config_identity(cfg), **extra)
 
 
+#: Settings that decide which layers are searched, not what a layer's search computes.
+_NOT_IN_SEARCH_KEY = {"last"}
+
+
 def search_key(prev: str, cfg: QuantizeConfig, index: int) -> str:
     """A layer's search (the choice among ``quantize.search``'s candidates): its quantized input, the
     layer's config apart from the strengths searched, and the search's settings."""
     base = {k: v for k, v in config_identity(cfg).items() if k not in ("alpha_in", "alpha_out", "beta")}
     return stage_key("layer_search", SEARCH_VERSION, prev=prev, layer=index, config=base,
-                     search=cfg.search.model_dump())
+                     search=cfg.search.model_dump(exclude=_NOT_IN_SEARCH_KEY, exclude_none=True))
 
 
 def holdout_key(calibration_key: str, n_windows: int) -> str:

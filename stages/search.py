@@ -19,6 +19,7 @@ from loaq.configs.schema import SUBLAYERS, LayerSetting, QuantizeConfig, Strengt
 from loaq.engine.arrays import MemoryArray, micro_batches
 from loaq.engine.forward import forward_layer
 from loaq.engine.search import LayerSearch
+from loaq.engine.tail import FullPrecisionTail
 from loaq.models.layers import ContextFactory
 
 from .arrays import RecordArray, WriterArray
@@ -57,7 +58,12 @@ def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Quan
     held_clean = stored_clean_stream(ctx, quantizer.adapter, held_clean_input_key, held_clean_output_key)
     held_in = RecordArray(ctx.store.open(held_input_key), HIDDEN)
     hq_out = MemoryArray(shape=hq_in.shape, dtype=ctx.runtime.dtype)
-    result = LayerSearch(quantizer, cfg.search).run(clean, hq_in, hq_out, held_clean, held_in)
+    tail = None
+    if cfg.search.objective == "kl":
+        tail = FullPrecisionTail(model.open(), index, quantizer.contexts, device=ctx.runtime.device,
+                                 dtype=ctx.runtime.dtype)
+    result = LayerSearch(quantizer, cfg.search, tail).run(clean, hq_in, hq_out, held_clean, held_in)
+    del tail
     strengths = result.choice  # the run's alpha_in with the chosen alpha_out and beta
     resolved = cfg.with_layer(index, choice_setting(strengths))
     chain_key = layer_key(quant_input_key, resolved, index)

@@ -16,7 +16,7 @@ from loaq.engine.layer import CleanStream, LayerQuantizer
 from loaq.engine.search import LayerSearch
 from loaq.engine.sources import ModelWeights
 from loaq.models.layers import ContextFactory
-from loaq.stages.keys import chain_keys
+from loaq.stages.keys import chain_keys, weights_key
 from loaq.store import Store
 
 ROOT = "embedding-key"
@@ -227,6 +227,62 @@ def test_a_search_killed_mid_layer_resumes_to_the_same_weights(tmp_path, searche
     for layer in expected:
         for name in expected[layer]:
             assert torch.equal(expected[layer][name], got[layer][name]), (layer, name)
+
+
+def test_a_kl_search_of_the_last_layer_shares_the_fixed_runs_prefix_and_scores_the_models_kl(tmp_path, searched,
+                                                                                            shared_data):
+    """``last: 1``: layers 0-1 are the fixed run's own records (reused, not searched); layer 2 is
+    searched by the KL of the final next-token distribution, and the chosen MLP's score is that KL as
+    transformers' model computes it with the stored weights on the held-out windows."""
+    from transformers import AutoModelForCausalLM
+
+    from loaq.stages.quantize import read_weights
+
+    checkpoint, store_url = searched["checkpoint"], tmp_path / "store"
+    fixed = write_config(tmp_path / "fixed.yaml", checkpoint, store_url, shared_data)
+    kl = write_config(tmp_path / "kl.yaml", checkpoint, store_url, shared_data,
+                      search={"alpha": [0.25, 0.75], "beta": [0.0, 0.5], "objective": "kl", "last": 1})
+    keep = ("--set", "store.keep_quant_states=all")
+    runs = [run_cli("run", str(fixed), *keep), run_cli("run", str(kl), *keep)]
+    for proc in runs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    store = Store(str(store_url))
+    computed = computed_stages(store_url, [run_id(runs[1])])
+    per_stage = {stage: sum(n for (s, _), n in computed.items() if s == stage) for stage, _ in computed}
+    assert per_stage["layer-search"] == 1 and "quantize-layer" not in per_stage, computed
+    (search,) = store.list(kind="search")
+    assert search.attrs["layer"] == 2 and search.attrs["objective"] == "kl"
+    mlp = search.attrs["scores"]["mlp"]
+    chosen = min(mlp, key=lambda s: s[2])
+    assert search.attrs["choice"]["mlp"][1:] == chosen[:2] and len({s[2] for s in mlp}) == 4
+
+    (held,) = [store.open(i.key) for i in store.list(kind="calibration") if "holdout" in i.attrs]
+    tokens = held.read("tokens").long()
+    fp = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    quantized = AutoModelForCausalLM.from_pretrained(checkpoint, torch_dtype=torch.float32).eval()
+    status = run_cli("status", str(kl))
+    assert status.returncode == 0 and "objective kl last 1" in status.stdout, status.stderr[-2000:]
+    rows = [line.split() for line in status.stdout.splitlines() if line.strip()[:1].isdigit()]
+    assert rows[0][-1] == rows[1][-1] == "0.5/0.5/0.25"  # the run's own strengths before the searched layer
+    chain = plan_chain(kl)
+    for index, key in enumerate(chain):
+        record = store.open(weights_key(key))
+        for name, q in read_weights(record, record.attrs["linears"]).items():
+            quantized.model.layers[index].get_submodule(name).weight.data = q.weight.float()
+    with torch.no_grad():
+        log_p = torch.log_softmax(fp(tokens).logits.float(), -1)
+        log_q = torch.log_softmax(quantized(tokens).logits.float(), -1)
+    expected = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    assert chosen[2] == pytest.approx(expected, rel=1e-4)
+
+
+def plan_chain(config: Path) -> list[str]:
+    from loaq.configs.load import load_config
+    from loaq.flows.plan import plan
+    from loaq.flows.quantize import open_context
+
+    cfg = load_config(str(config))
+    return plan(open_context(cfg), cfg).chain
 
 
 @pytest.mark.parametrize("quantize, message", [
