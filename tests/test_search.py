@@ -289,6 +289,8 @@ def plan_chain(config: Path) -> list[str]:
     ({"method": "gptq", "search": {}}, "quantize.search"),
     ({"layers": {5: {"beta": 0.5}}}, "quantize.layers sets layer 5, but the model has 3 layers"),
     ({"layers": {1: {"beta": 2}}}, "quantize.layers"),
+    ({"search": {"objective": "kl", "last": 0}}, "quantize.search.last"),
+    ({"search": {"objective": "logits"}}, "quantize.search.objective"),
 ])
 def test_bad_per_layer_settings_fail_in_one_line(tmp_path, searched, shared_data, quantize, message):
     config = write_config(tmp_path / "bad.yaml", searched["checkpoint"], tmp_path / "store", shared_data, **quantize)
