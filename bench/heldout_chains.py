@@ -26,7 +26,7 @@ from loaq.data.calibration import sample_holdout
 from loaq.engine.arrays import MemoryArray
 from loaq.engine.forward import embed, forward_layer
 from loaq.models.layers import ContextFactory
-from loaq.evaluation.perplexity import final_norm
+from loaq.engine.forward import next_token_log_probs
 
 runs = {spec.split("|")[0]: spec.split("|")[1:] for spec in sys.argv[1:]}
 base = load_config("default", ["evaluation.datasets=[wikitext2]"])
@@ -46,8 +46,7 @@ def stream(source):
         o = MemoryArray(shape=h.shape, dtype=torch.float32); forward_layer(source, i, h, o, contexts); outs.append(o.tensor); h = o
     return outs
 def logp(h):
-    x = final_norm(h, ck.final_norm_weight(), float(ck.config.rms_norm_eps))
-    return F.log_softmax(F.linear(x, ck.lm_head_weight()).float(), -1)
+    return next_token_log_probs(h, ck.final_norm_weight(), ck.lm_head_weight(), float(ck.config.rms_norm_eps))
 clean = stream(ck); lp_clean = logp(clean[-1])
 res = {}
 for name, sets in runs.items():

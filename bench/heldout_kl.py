@@ -19,7 +19,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from loaq.configs.load import load_config  # noqa: E402
 from loaq.data.calibration import sample_holdout  # noqa: E402
-from loaq.engine.forward import final_norm, stream_forward  # noqa: E402
+from loaq.engine.forward import next_token_log_probs, stream_forward  # noqa: E402
 from loaq.flows.plan import plan  # noqa: E402
 from loaq.flows.quantize import open_context  # noqa: E402
 from loaq.quant import summed_kl  # noqa: E402
@@ -40,8 +40,8 @@ held = sample_holdout(checkpoint.tokenizer(), calibration_spec(base.calibration)
 
 
 def log_probs(hidden):
-    x = final_norm(hidden, checkpoint.final_norm_weight(), float(checkpoint.config.rms_norm_eps))
-    return F.log_softmax(F.linear(x, checkpoint.lm_head_weight()).float(), -1)
+    return next_token_log_probs(hidden, checkpoint.final_norm_weight(), checkpoint.lm_head_weight(),
+                                float(checkpoint.config.rms_norm_eps))
 
 
 log_p = log_probs(stream_forward(checkpoint, held))
@@ -50,8 +50,9 @@ print("| chain | KL | held-out NLL |\n| --- | ---: | ---: |")
 for spec in args.runs:
     label, store, *overrides = spec.split("|")
     cfg = load_config("default", [f"store.url={store}", *overrides, "evaluation.datasets=[wikitext2]"])
-    chain = plan(open_context(cfg), cfg, model).chain
-    log_q = log_probs(stream_forward(StoredQuantizedWeights(checkpoint, open_context(cfg).store, chain), held))
+    run_ctx = open_context(cfg)
+    chain = plan(run_ctx, cfg, model).chain
+    log_q = log_probs(stream_forward(StoredQuantizedWeights(checkpoint, run_ctx.store, chain), held))
     kl = summed_kl(log_p.flatten(0, -2), log_q.flatten(0, -2)) / log_p[..., 0].numel()
     nll = float(F.nll_loss(log_q[:, :-1].reshape(-1, log_q.shape[-1]), held[:, 1:].reshape(-1)))
     results[label] = {"kl": kl, "held_nll": nll, "overrides": overrides}

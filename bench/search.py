@@ -72,7 +72,7 @@ def main() -> None:
     args = ap.parse_args()
     store = args.store or f".loaq/bench-search-{time.strftime('%Y%m%d-%H%M%S')}"
     base = ["evaluation.datasets=[wikitext2]", *args.overrides, f"store.url={store}", "store.keep_quant_states=last"]
-    grid = f"{{alpha: {list(args.alpha)}, beta: {list(args.beta)}{', ' + args.search if args.search else ''}}}"
+    grid = search_grid(args)
     out = Path(args.out)
     rows: list[dict] = []
     header = None
@@ -106,10 +106,14 @@ def _header(args, store) -> dict:
             "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "store": store}
 
 
+def search_grid(args) -> str:
+    """The search row's ``quantize.search``: the candidate grid and any ``--search`` settings."""
+    return f"{{alpha: {list(args.alpha)}, beta: {list(args.beta)}{', ' + args.search if args.search else ''}}}"
+
+
 def config_search(args) -> str:
     """The search's settings as the table states them (the config's defaults filled in)."""
-    grid = f"{{alpha: {list(args.alpha)}, beta: {list(args.beta)}{', ' + args.search if args.search else ''}}}"
-    search = load_config(args.config, [*args.overrides, f"quantize.search={grid}"]).quantize.search
+    search = load_config(args.config, [*args.overrides, f"quantize.search={search_grid(args)}"]).quantize.search
     return f"objective {search.objective}, holdout {search.holdout:g}" + (f", last {search.last}" if search.last else "")
 
 

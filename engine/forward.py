@@ -24,6 +24,12 @@ def final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     return weight * h.to(hidden.dtype)
 
 
+def next_token_log_probs(hidden: torch.Tensor, norm_weight: torch.Tensor, head: torch.Tensor,
+                         eps: float) -> torch.Tensor:
+    """Log-probabilities (..., vocab), float32, of final hidden states (..., d): norm, head, log-softmax."""
+    return F.log_softmax(F.linear(final_norm(hidden, norm_weight, eps), head).float(), dim=-1)
+
+
 @torch.no_grad()
 def embed(source: WeightSource, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """tokens: (n, seqlen) -> hidden states (n, seqlen, d) on the host."""

@@ -11,11 +11,10 @@ weights are held while the layer is searched, so the objective is meant for the 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from loaq.models.layers import ContextFactory, build_layer, call_sublayer
 
-from .forward import final_norm
+from .forward import next_token_log_probs
 from .sources import WeightSource
 
 
@@ -47,5 +46,4 @@ class FullPrecisionTail:
     @torch.no_grad()
     def log_probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """Next-token log-probabilities (..., vocab), float32, of final hidden states (..., d)."""
-        logits = F.linear(final_norm(hidden, self.norm, self.eps), self.head)
-        return F.log_softmax(logits.float(), dim=-1)
+        return next_token_log_probs(hidden, self.norm, self.head, self.eps)
