@@ -8,6 +8,9 @@ PY    := $(VENV)/bin/python
 # The CPU build of torch is taken from the local wheel cache where one is configured; set
 # TORCH_SPEC to e.g. "torch --index-url https://download.pytorch.org/whl/cu124" for a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
+# Test processes (pytest-xdist); each test module runs whole in one of them, so a module's shared
+# fixtures are computed once.
+TEST_PROCESSES ?= 2
 STAMP := $(VENV)/.loaq-installed
 
 .PHONY: install run test bench
@@ -25,7 +28,7 @@ run: install
 	$(VENV)/bin/loaq run
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_PROCESSES) --dist loadscope
 
 bench: install
 	bench/run

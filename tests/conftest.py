@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import tempfile
 
 import pytest
 import torch
@@ -13,6 +14,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# Each test process has a Prefect home of its own (database, profiles): no test touches the user's
+# Prefect, and parallel test processes never share one SQLite database.
+os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loaq-test-prefect-")
+os.environ.pop("PREFECT_PROFILES_PATH", None)
 
 torch.set_num_threads(1)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -12,6 +13,9 @@ from pathlib import Path
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+#: ``run_cli(..., env=EPHEMERAL)``: the run starts Prefect's ephemeral API server itself, as a run
+#: without PREFECT_API_URL does, instead of using :func:`shared_prefect_api`.
+EPHEMERAL = {"PREFECT_API_URL": None}
 
 
 def make_checkpoint(path: Path, family: str = "llama", layers: int = 3, hidden: int = 64) -> Path:
@@ -82,11 +86,25 @@ def computed_stages(store_url: Path, run_ids: list[str]) -> dict[tuple[str, str]
     return counts
 
 
+@functools.cache
+def shared_prefect_api() -> str | None:
+    """One Prefect API server for every ``loaq`` run this test process starts, as a user with a
+    long-lived server has (it stops when the process exits): each run then skips starting an
+    ephemeral server of its own. None where the environment names a server already."""
+    from loaq.prefect_startup import ensure_prefect_api
+
+    return ensure_prefect_api()
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``loaq`` in its own session; afterwards end whatever it left behind (a SIGKILLed run
     leaves Prefect's ephemeral API server orphaned, holding the output pipes open)."""
-    full_env = {**os.environ, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", **(env or {})}
+    env = env or {}
+    shared = None if "PREFECT_API_URL" in env else shared_prefect_api()
+    api = {"PREFECT_API_URL": shared} if shared else {}
+    full_env = {**os.environ, **api, "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "HF_HUB_OFFLINE": "1",
+                "HF_DATASETS_OFFLINE": "1", **env}
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # None in ``env`` unsets a variable
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         proc = subprocess.Popen([sys.executable, "-m", "loaq", *args], stdout=out, stderr=err, env=full_env,
                                 cwd=REPO, start_new_session=True)

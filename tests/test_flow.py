@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowkit import make_checkpoint, run_cli, run_id, write_config
+from flowkit import EPHEMERAL, make_checkpoint, run_cli, run_id, write_config
 from loaq.store import Store
 
 
@@ -39,7 +39,7 @@ def reference(tmp_path_factory, checkpoint, shared_data):
     """One uninterrupted run, then an identical rerun and an alpha/beta variant on the same store."""
     root = tmp_path_factory.mktemp("reference")
     config = write_config(root / "tiny.yaml", checkpoint, root / "store", shared_data)
-    cold = run_cli("run", str(config))
+    cold = run_cli("run", str(config), env=EPHEMERAL)  # a user's first run: Prefect started by loaq
     assert cold.returncode == 0, cold.stderr[-3000:]
     warm = run_cli("run", str(config))
     assert warm.returncode == 0, warm.stderr[-3000:]

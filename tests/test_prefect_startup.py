@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from flowkit import REPO, make_checkpoint, run_cli, write_config
+from flowkit import EPHEMERAL, REPO, make_checkpoint, run_cli, write_config
 from loadkit import Throttle, ephemeral_servers, start_load, stop_load, wait_for
 from loaq.prefect_startup import PREFECT_DEFAULT_WINDOW, STARTUP_SETTING
 
@@ -72,7 +72,7 @@ def test_run_completes_when_the_server_starts_slower_than_prefects_default_windo
 def test_a_window_too_short_fails_in_one_line(tmp_path, shared_data):
     checkpoint = make_checkpoint(tmp_path / "model", layers=1)
     config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
-    env = {**_prefect_env(tmp_path / "prefect-home"), STARTUP_SETTING: "1"}
+    env = {**_prefect_env(tmp_path / "prefect-home"), STARTUP_SETTING: "1", **EPHEMERAL}
     proc = run_cli("run", str(config), env=env, timeout=120)
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
