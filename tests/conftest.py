@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import atexit
 import math
 import os
+import shutil
 import tempfile
 
 import pytest
 import torch
+
+from loaq.prefect_startup import DEFAULT_WINDOW, STARTUP_SETTING
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("DO_NOT_TRACK", "1")
@@ -17,7 +21,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 # Each test process has a Prefect home of its own (database, profiles): no test touches the user's
 # Prefect, and parallel test processes never share one SQLite database.
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="loaq-test-prefect-")
+atexit.register(shutil.rmtree, os.environ["PREFECT_HOME"], ignore_errors=True)  # after Prefect's server stops
 os.environ.pop("PREFECT_PROFILES_PATH", None)
+# Flows called in this process start Prefect's ephemeral server without the CLI's start-up step
+# (loaq.prefect_startup); they get its window, which a first start on a fresh home needs under load.
+os.environ.setdefault(STARTUP_SETTING, str(DEFAULT_WINDOW))
 
 torch.set_num_threads(1)
 
