@@ -93,15 +93,23 @@ class Api:
     def __init__(self, url: str):
         self.client = httpx.Client(base_url=url, timeout=30)
 
-    def post(self, path: str, body: dict | None = None):
-        response = self.client.post(path, json=body or {})
+    #: Answers a busy server gives for a request worth repeating; Prefect's own client retries them too.
+    RETRY_STATUS = (429, 502, 503)
+
+    def _send(self, method: str, path: str, **kw):
+        for wait in (1, 2, 4, 8, None):
+            response = self.client.request(method, path, **kw)
+            if response.status_code not in self.RETRY_STATUS or wait is None:
+                break
+            time.sleep(wait)
         response.raise_for_status()
         return response.json()
 
+    def post(self, path: str, body: dict | None = None):
+        return self._send("POST", path, json=body or {})
+
     def get(self, path: str):
-        response = self.client.get(path)
-        response.raise_for_status()
-        return response.json()
+        return self._send("GET", path)
 
     def deployment(self, name: str) -> dict:
         return self.get(f"/deployments/name/{name}")
