@@ -24,9 +24,8 @@ from loaq.stages.streams import calibration_spec
 from loaq.stages.evaluate import StoredQuantizedWeights
 from loaq.data.calibration import sample_holdout
 from loaq.engine.arrays import MemoryArray
-from loaq.engine.forward import embed, forward_layer
+from loaq.engine.forward import embed, forward_layer, next_token_log_probs
 from loaq.models.layers import ContextFactory
-from loaq.engine.forward import next_token_log_probs
 
 runs = {spec.split("|")[0]: spec.split("|")[1:] for spec in sys.argv[1:]}
 base = load_config("default", ["evaluation.datasets=[wikitext2]"])
