@@ -25,9 +25,12 @@ FAILPOINT_ENV = "LOAQ_FAILPOINT"
 
 def failpoint(point: str) -> None:
     """Crash-testing hook: if ``LOAQ_FAILPOINT`` names ``point``, the process SIGKILLs itself here,
-    exactly like a machine that loses power (no cleanup, no exception handlers)."""
-    if point in os.environ.get(FAILPOINT_ENV, "").split(","):
-        os.kill(os.getpid(), signal.SIGKILL)
+    exactly like a machine that loses power (no cleanup, no exception handlers); ``point@term``
+    sends SIGTERM instead, as a scheduler that preempts the job does."""
+    for entry in os.environ.get(FAILPOINT_ENV, "").split(","):
+        name, _, how = entry.partition("@")
+        if name == point:
+            os.kill(os.getpid(), signal.SIGTERM if how == "term" else signal.SIGKILL)
 
 
 @dataclass(frozen=True)

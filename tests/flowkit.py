@@ -96,9 +96,24 @@ def shared_prefect_api() -> str | None:
     return ensure_prefect_api()
 
 
+def session_processes(session: int) -> list[str]:
+    """The live processes of a session (Linux /proc), each as ``pid command line``."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # state, ppid, pgrp, session, ...
+            if int(fields[3]) == session and fields[0] != "Z":
+                command = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                found.append(f"{stat.parent.name} {command.strip()}")
+        except (OSError, IndexError, ValueError):
+            continue  # the process ended while it was read
+    return found
+
+
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run ``loaq`` in its own session; afterwards end whatever it left behind (a SIGKILLed run
-    leaves Prefect's ephemeral API server orphaned, holding the output pipes open)."""
+    leaves Prefect's ephemeral API server orphaned, holding the output pipes open). The result's
+    ``left_running`` lists what was still running in the session when ``loaq`` had exited."""
     env = env or {}
     shared = None if "PREFECT_API_URL" in env else shared_prefect_api()
     api = {"PREFECT_API_URL": shared} if shared else {}
@@ -110,6 +125,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                                 cwd=REPO, start_new_session=True)
         try:
             returncode = proc.wait(timeout=timeout)
+            left_running = session_processes(proc.pid)
         finally:
             try:
                 os.killpg(proc.pid, signal.SIGKILL)
@@ -117,7 +133,9 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                 pass
         out.seek(0)
         err.seek(0)
-        return subprocess.CompletedProcess(proc.args, returncode, out.read(), err.read())
+        done = subprocess.CompletedProcess(proc.args, returncode, out.read(), err.read())
+        done.left_running = left_running
+        return done
 
 
 def run_id(proc: subprocess.CompletedProcess) -> str:

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from flowkit import EPHEMERAL, make_checkpoint, run_cli, run_id, write_config
+from loaq.cli import TERMINATED_STATUS
 from loaq.store import Store
 
 
@@ -101,6 +102,28 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, reference, checkpoint, sh
     assert len(got_ppl) == 2 and got_ppl.keys() <= ref_ppl.keys()
     for key, value in got_ppl.items():
         assert value == ref_ppl[key], key
+
+
+def test_sigterm_mid_write_stops_prefects_server_and_the_rerun_is_bit_identical(tmp_path, reference, checkpoint,
+                                                                                  shared_data):
+    """A scheduler's SIGTERM lands while layer 1's record is being written, in a run that started
+    Prefect's ephemeral server itself: one line, the shell's status for SIGTERM, no server left on
+    the node, and the rerun completes the half-written record to the uninterrupted run's bits."""
+    config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
+    terminated = run_cli("run", str(config), env={**EPHEMERAL, "LOAQ_FAILPOINT": "quantize-layer:1:mid@term"})
+    assert terminated.returncode == TERMINATED_STATUS, (terminated.returncode, terminated.stderr[-3000:])
+    assert "loaq: terminated; finished records are kept, run again to resume" in terminated.stderr
+    assert "Traceback" not in terminated.stderr, terminated.stderr[-3000:]
+    assert terminated.left_running == []
+    store = Store(str(tmp_path / "store"))
+    finished = sorted(i.attrs["layer"] for i in store.list(kind="weights") if i.complete)
+    assert finished == [0]  # layer 1 was cut off
+    done = run_cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    expected = {k: v for k, v in weights_snapshot(reference["store"]).items() if k[1] == 0.5}
+    got = weights_snapshot(tmp_path / "store")
+    assert expected.keys() == got.keys()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
 
 
 def test_corrupt_chunk_and_missing_mark_are_recomputed(tmp_path, reference, checkpoint, shared_data):
