@@ -132,9 +132,10 @@ def _command(args: argparse.Namespace) -> int:
             ensure_prefect_api()  # before any flow, so a server that cannot start is one line
         return int(getattr(commands, args.command)(config, args) or 0)
     except KeyboardInterrupt as e:
-        how = "terminated" if isinstance(e, Terminated) else "interrupted"
-        print(f"loaq: {how}; finished records are kept, run again to resume", file=sys.stderr)
-        return TERMINATED_STATUS if isinstance(e, Terminated) else 130
+        terminated = isinstance(e, Terminated)
+        print(f"loaq: {'terminated' if terminated else 'interrupted'}; finished records are kept, run again to "
+              "resume", file=sys.stderr)
+        return TERMINATED_STATUS if terminated else 130
     except Exception as e:  # noqa: BLE001 - user mistakes become one line, bugs keep their traceback
         line = describe(e)
         if line is None:

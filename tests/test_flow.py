@@ -25,6 +25,15 @@ def weights_snapshot(store_url: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def assert_default_weights(reference_store: Path, store_url: Path) -> None:
+    """``store_url`` holds, bit for bit, the weights of the reference's uninterrupted default run (alpha 0.5)."""
+    expected = {k: v for k, v in weights_snapshot(reference_store).items() if k[1] == 0.5}
+    got = weights_snapshot(store_url)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+
+
 def perplexities(store_url: Path) -> dict[tuple, float]:
     store = Store(str(store_url))
     return {i.key: i.attrs["ppl"] for i in store.list(kind="eval")}
@@ -92,11 +101,7 @@ def test_sigkill_then_rerun_is_bit_identical(tmp_path, reference, checkpoint, sh
         assert killed.returncode == -signal.SIGKILL, (point, killed.returncode, killed.stderr[-2000:])
     done = run_cli("run", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = {k: v for k, v in weights_snapshot(reference["store"]).items() if k[1] == 0.5}
-    got = weights_snapshot(tmp_path / "store")
-    assert expected.keys() == got.keys()
-    for key in expected:
-        assert torch.equal(expected[key], got[key]), key
+    assert_default_weights(reference["store"], tmp_path / "store")
     # Keys are content-derived, so the same evaluation has the same key in both stores.
     ref_ppl, got_ppl = perplexities(reference["store"]), perplexities(tmp_path / "store")
     assert len(got_ppl) == 2 and got_ppl.keys() <= ref_ppl.keys()
@@ -120,10 +125,7 @@ def test_sigterm_mid_write_stops_prefects_server_and_the_rerun_is_bit_identical(
     assert finished == [0]  # layer 1 was cut off
     done = run_cli("run", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
-    expected = {k: v for k, v in weights_snapshot(reference["store"]).items() if k[1] == 0.5}
-    got = weights_snapshot(tmp_path / "store")
-    assert expected.keys() == got.keys()
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_default_weights(reference["store"], tmp_path / "store")
 
 
 def test_corrupt_chunk_and_missing_mark_are_recomputed(tmp_path, reference, checkpoint, shared_data):
@@ -145,9 +147,7 @@ def test_corrupt_chunk_and_missing_mark_are_recomputed(tmp_path, reference, chec
     recomputed = {e["key"] for e in events if e["action"] == "computed"}
     assert clean[0].key in recomputed  # the truncated record was detected when read, and rebuilt
     assert store.is_complete(weights[1].key) and store.verify(clean[0].key)
-    expected = {k: v for k, v in weights_snapshot(reference["store"]).items() if k[1] == 0.5}
-    got = weights_snapshot(tmp_path / "store")
-    assert all(torch.equal(expected[k], got[k]) for k in expected)
+    assert_default_weights(reference["store"], tmp_path / "store")
 
 
 def test_second_run_on_a_locked_store_fails_clearly(tmp_path, checkpoint, shared_data):
