@@ -8,13 +8,16 @@ config or the data raises an exception whose message is the one line the command
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from loaq.configs.load import ConfigError, apply_override, describe, preset_path, read_yaml
 from loaq.configs.schema import QuantizeConfig, RunConfig
+from loaq.termination import RESUME_HINT, TERMINATED_STATUS, Terminated, sigterm_unwinds
 
 #: Sections of a run config that ``quantize``/``load_config`` accept as keyword arguments.
 SECTIONS = ("name", "model", "data_dir", "calibration", "quantize", "evaluation", "runtime", "store", "export",
@@ -104,18 +107,35 @@ def _result(config: RunConfig, out: dict) -> Result:
                   {fmt: Path(p) for fmt, p in out.get("exports", {}).items()}, zero_shot, protocol)
 
 
+@contextmanager
+def _ends_on_sigterm() -> Iterator[None]:
+    """Where the caller left SIGTERM's default in place, a SIGTERM unwinds the run (records being
+    written stay incomplete, the Prefect server this process started is stopped at exit) and then
+    ends the process with the status the default would give; a caller's own handler is left alone."""
+    with sigterm_unwinds(only_over_default=True) as active:
+        try:
+            yield
+        except Terminated:
+            if not active:
+                raise
+            print(f"loaq: terminated; {RESUME_HINT}", file=sys.stderr)
+            raise SystemExit(TERMINATED_STATUS) from None
+
+
 def run(config: str | os.PathLike | Mapping | RunConfig | None = None, **sections: Any) -> Result:
     """Quantize, evaluate, report (and export, if ``export.formats`` is set): ``loaq run`` from Python.
 
     ``config`` and ``sections`` are as in :func:`load_config`. Finished stages are reused from the
-    store and a killed run resumes, exactly as from the command line.
+    store and a killed run resumes, exactly as from the command line. A SIGTERM, where the caller has
+    no handler of its own, ends the process with status 143 once the run has unwound.
     """
     from loaq.flows.quantize import quantize_flow
     from loaq.prefect_startup import ensure_prefect_api
 
     config = load_config(config, **sections)
-    ensure_prefect_api()  # a server that cannot start is one error naming the fix, not Prefect's traceback
-    return _result(config, quantize_flow(config))
+    with _ends_on_sigterm():
+        ensure_prefect_api()  # a server that cannot start is one error naming the fix, not Prefect's traceback
+        return _result(config, quantize_flow(config))
 
 
 def quantize(model: str, method: str = "loaq", bits: int = 4, *, config: str | os.PathLike | Mapping | RunConfig
@@ -152,5 +172,6 @@ def export(config: str | os.PathLike | Mapping | RunConfig | None = None, format
     from loaq.prefect_startup import ensure_prefect_api
 
     config = load_config(config, **sections)
-    ensure_prefect_api()
-    return {fmt: Path(p) for fmt, p in export_flow(config, tuple(formats))["exports"].items()}
+    with _ends_on_sigterm():
+        ensure_prefect_api()
+        return {fmt: Path(p) for fmt, p in export_flow(config, tuple(formats))["exports"].items()}

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
+
+from loaq.termination import RESUME_HINT, TERMINATED_STATUS, Terminated, sigterm_unwinds
 
 
 class _NoFailureTracebacks(logging.Filter):
@@ -42,20 +42,6 @@ def _quiet_prefect() -> None:
 
     for name in ("prefect.flow_runs", "prefect.task_runs", "prefect.flow_engine", "prefect.task_engine"):
         logging.getLogger(name).addFilter(_NoFailureTracebacks())
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM (a scheduler preempting the job, ``kill``): the run unwinds as on Ctrl-C, so records
-    being written are left incomplete (recomputed by the next run) and Prefect's ephemeral API server,
-    stopped at exit, is not left running on the node."""
-
-
-def _terminate(signum, frame) -> None:
-    raise Terminated
-
-
-#: Exit status of a run ended by SIGTERM, as a shell reports a process killed by it.
-TERMINATED_STATUS = 128 + signal.SIGTERM
 
 
 #: Commands that run Prefect flows (status, gc and report read the store only).
@@ -106,13 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    in_main_thread = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
-    try:
+    with sigterm_unwinds():
         return _command(args)
-    finally:
-        if in_main_thread:
-            signal.signal(signal.SIGTERM, previous)
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -133,8 +114,7 @@ def _command(args: argparse.Namespace) -> int:
         return int(getattr(commands, args.command)(config, args) or 0)
     except KeyboardInterrupt as e:
         terminated = isinstance(e, Terminated)
-        print(f"loaq: {'terminated' if terminated else 'interrupted'}; finished records are kept, run again to "
-              "resume", file=sys.stderr)
+        print(f"loaq: {'terminated' if terminated else 'interrupted'}; {RESUME_HINT}", file=sys.stderr)
         return TERMINATED_STATUS if terminated else 130
     except Exception as e:  # noqa: BLE001 - user mistakes become one line, bugs keep their traceback
         line = describe(e)

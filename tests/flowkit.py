@@ -111,9 +111,14 @@ def session_processes(session: int) -> list[str]:
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run ``loaq`` in its own session; afterwards end whatever it left behind (a SIGKILLed run
+    """Run ``loaq`` in its own session (see :func:`run_python`)."""
+    return run_python("-m", "loaq", *args, env=env, timeout=timeout)
+
+
+def run_python(*args: str, env: dict | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run ``python ARGS`` in its own session; afterwards end whatever it left behind (a SIGKILLed run
     leaves Prefect's ephemeral API server orphaned, holding the output pipes open). The result's
-    ``left_running`` lists what was still running in the session when ``loaq`` had exited."""
+    ``left_running`` lists what was still running in the session when the process had exited."""
     env = env or {}
     shared = None if "PREFECT_API_URL" in env else shared_prefect_api()
     api = {"PREFECT_API_URL": shared} if shared else {}
@@ -121,7 +126,7 @@ def run_cli(*args: str, env: dict | None = None, timeout: int = 300) -> subproce
                 "HF_DATASETS_OFFLINE": "1", **env}
     full_env = {k: v for k, v in full_env.items() if v is not None}  # None in ``env`` unsets a variable
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "loaq", *args], stdout=out, stderr=err, env=full_env,
+        proc = subprocess.Popen([sys.executable, *args], stdout=out, stderr=err, env=full_env,
                                 cwd=REPO, start_new_session=True)
         try:
             returncode = proc.wait(timeout=timeout)

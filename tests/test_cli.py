@@ -77,3 +77,29 @@ def test_the_sigterm_handler_lives_only_while_a_command_runs():
         assert signal.getsignal(signal.SIGTERM) is own_handler
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_unwinds_only_over_the_default_when_asked():
+    """The Python API's rule: a SIGTERM handler of the caller's own stays in force; over the default,
+    SIGTERM raises ``Terminated`` where the run is and the default is back afterwards."""
+    import os
+    import signal
+
+    import pytest
+
+    from loaq.termination import Terminated, sigterm_unwinds
+
+    def own_handler(signum, frame):
+        raise AssertionError("not called")
+
+    previous = signal.signal(signal.SIGTERM, own_handler)
+    try:
+        with sigterm_unwinds(only_over_default=True) as active:
+            assert not active and signal.getsignal(signal.SIGTERM) is own_handler
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        with pytest.raises(Terminated), sigterm_unwinds(only_over_default=True) as active:
+            assert active
+            os.kill(os.getpid(), signal.SIGTERM)  # the handler raises before the next line
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from flowkit import EPHEMERAL, make_checkpoint, run_cli, run_id, write_config
-from loaq.cli import TERMINATED_STATUS
+from flowkit import EPHEMERAL, make_checkpoint, run_cli, run_id, run_python, write_config
+from loaq.termination import TERMINATED_STATUS
 from loaq.store import Store
 
 
@@ -126,6 +126,24 @@ def test_sigterm_mid_write_stops_prefects_server_and_the_rerun_is_bit_identical(
     done = run_cli("run", str(config))
     assert done.returncode == 0, done.stderr[-3000:]
     assert_default_weights(reference["store"], tmp_path / "store")
+
+
+def test_sigterm_in_a_python_run_ends_the_process_as_the_default_would_after_unwinding(tmp_path, checkpoint,
+                                                                                        shared_data):
+    """``loaq.run`` from a script that installed no SIGTERM handler: the run unwinds (layer 1's
+    half-written record stays incomplete, the Prefect server it started is stopped), then the process
+    ends with the status the default handler gives, and the script's code after the call never runs."""
+    config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
+    script = f"import loaq; loaq.run({str(config)!r}); print('returned')"
+    terminated = run_python("-c", script, env={**EPHEMERAL, "LOAQ_FAILPOINT": "quantize-layer:1:mid@term"})
+    assert terminated.returncode == TERMINATED_STATUS, (terminated.returncode, terminated.stderr[-3000:])
+    assert "loaq: terminated; finished records are kept, run again to resume" in terminated.stderr
+    assert "Traceback" not in terminated.stderr, terminated.stderr[-3000:]
+    assert "returned" not in terminated.stdout
+    assert terminated.left_running == []
+    store = Store(str(tmp_path / "store"))
+    finished = sorted(i.attrs["layer"] for i in store.list(kind="weights") if i.complete)
+    assert finished == [0]  # layer 1 was cut off
 
 
 def test_corrupt_chunk_and_missing_mark_are_recomputed(tmp_path, reference, checkpoint, shared_data):
