@@ -30,7 +30,8 @@ Consistency model
   on this host and its pid is gone), and the next one takes the lock over with the same
   compare-and-swap, so two waiters never both take it over. A holder that could not renew in
   time has lost the lock: ``check()`` then raises ``StoreLocked``, and a record writer holding a
-  lost record lock does not mark its record complete. This needs a server that honours
+  lost record lock does not mark its record complete. Releasing is a compare-and-swap too (the
+  object is marked released, not deleted), so it never removes a lock taken over meanwhile. This needs a server that honours
   conditional writes (AWS S3, and S3-compatible servers that implement them); leases compare
   the holder's clock with the reader's, so hosts' clocks must agree to well within a lease.
 * Other fsspec URLs: no create-if-absent is used, so the lock is *advisory*: the info file
@@ -101,7 +102,7 @@ class StoreLock:
             info = json.loads(self._fs.cat_file(self.info_path))
         except (OSError, ValueError):
             return None
-        return info if isinstance(info, dict) else None
+        return info if isinstance(info, dict) and not info.get("released") else None
 
     def acquire(self) -> StoreLock:
         if self.held:
@@ -130,7 +131,9 @@ class StoreLock:
             self._renewer.join(timeout=10)
             self._renewer = None
         try:
-            if self.holder_token() == self._token:
+            if self._ops is not None:
+                self._release_lease()
+            elif self.holder_token() == self._token:
                 self._fs.rm_file(self.info_path)
         except OSError:
             pass  # the next holder overwrites it anyway
@@ -139,6 +142,16 @@ class StoreLock:
             if self._file_lock is not None:
                 self._file_lock.release()
                 self._file_lock = None
+
+    def _release_lease(self) -> None:
+        """Mark the lease released by a compare-and-swap on the version this holder wrote last, so a
+        lock taken over since (its lease ran out) stays its new holder's. Reading the token and then
+        deleting would delete the new holder's lock if the takeover fell between the two."""
+        try:
+            self._ops.replace(self.info_path, json.dumps({"name": self.name, "released": True}).encode(),
+                              self._version)
+        except Lost:
+            pass
 
     def holder_token(self) -> str | None:
         return (self.holder() or {}).get("token")
@@ -262,6 +275,27 @@ class StoreLock:
         if self._ops is not None and holder is not None and isinstance(holder.get("expires"), (int, float)):
             who += f", lease ending in {max(0.0, holder['expires'] - time.time()):.0f} s"
         return f"store lock {self.name!r} at {where} is held by {who}; {waited}"
+
+
+def remove_released(fs, root: str) -> int:
+    """Delete the objects of released leases under ``root``'s locks folder (an object store marks a
+    lease released instead of deleting it, one small object per record ever written); how many.
+    Call with the run lock held: every record writer works under it, so none is taking one of
+    these over meanwhile."""
+    directory = f"{root.rstrip('/')}/{LOCKS_DIR}"
+    try:
+        paths = [p for p in fs.ls(directory, detail=False) if p.endswith(".json")]
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    for path in paths:
+        try:
+            if (_parse(fs.cat_file(path)) or {}).get("released") is True:
+                fs.rm_file(path)
+                removed += 1
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:

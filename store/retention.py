@@ -18,13 +18,15 @@ variant that stopped exactly on that shared layer then recomputes its chain inst
 resuming it (slower, never wrong: a missing record is recomputed).
 
 ``gc`` takes the store's ``"run"`` lock (no run may be writing while records are deleted);
-pass ``take_lock=False`` from code that already holds it.
+pass ``take_lock=False`` from code that already holds it. On an object store it also deletes the
+released record locks, which releasing leaves behind (``locks``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 
+from .locks import remove_released
 from .records import RecordInfo
 from .store import Store
 
@@ -53,6 +55,8 @@ def _collect(store: Store, keep: Callable[[RecordInfo], bool]) -> int:
             size = store.size(info.key)
             store.delete(info.key)
             freed += size
+    if not store.is_local:
+        remove_released(store.fs, store.root)
     return freed
 
 

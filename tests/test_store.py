@@ -417,6 +417,53 @@ def test_a_lease_renewed_by_its_holder_outlives_it_and_a_lapsed_one_is_taken_ove
         taker.check()
 
 
+class _TakeoverFirst:
+    """A stand-in for a lock's store access whose first write (``rm_file`` or ``replace``) lets
+    ``taker`` take the lock over just before it: the window between a holder's look at the lock and
+    its own write."""
+
+    def __init__(self, inner, taker):
+        self._inner, self._taker = inner, taker
+
+    def __getattr__(self, name):
+        attr = getattr(self._inner, name)
+        if name not in ("rm_file", "replace"):
+            return attr
+
+        def write(*args, **kwargs):
+            if not self._taker.held:
+                self._taker.acquire()
+            return attr(*args, **kwargs)
+
+        return write
+
+
+@pytest.mark.parametrize("backend", ["memory", "s3"])
+def test_a_lapsed_holder_releasing_leaves_the_lock_that_was_taken_over_in_place(backend, monkeypatch, request):
+    """A holder stalls past its lease, another process takes the lock over at the moment the first
+    one releases it: the lock stays the new holder's, so a third process cannot take it as well."""
+    monkeypatch.setenv(LEASE_ENV, "0.3")
+    url = (f"memory://loaq-test-{uuid.uuid4().hex}/store" if backend == "memory"
+           else request.getfixturevalue("s3_server").new_bucket() + "/store")
+    store = Store(url)
+    stalled = store.lock("run").acquire()
+    stalled._stop_renewing.set()
+    stalled._renewer.join()
+    stalled._renewer = None
+    time.sleep(0.5)  # its lease has run out
+    taker = store.lock("run", timeout=5.0)
+    stalled._fs, stalled._ops = _TakeoverFirst(stalled._fs, taker), _TakeoverFirst(stalled._ops, taker)
+    stalled.release()
+    assert taker.held and taker.holder()["token"] == taker.holder_token() == taker._token
+    with pytest.raises(StoreLocked, match="is held by pid"):
+        store.lock("run", timeout=0.0).acquire()
+    taker.check()
+    taker.release()
+    assert taker.holder() is None
+    with store.lock("run", timeout=0.0):  # a released lock is free at once
+        pass
+
+
 def _lock_process(url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(Path(__file__).with_name("lockproc.py")), url, *extra],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -501,6 +548,13 @@ def test_events_per_run(store_url):
 # -- retention ----------------------------------------------------------------------------------
 
 
+def _released_record_locks(store: Store) -> list[str]:
+    if store.is_local:
+        return []
+    paths = store.fs.ls(f"{store.root}/locks", detail=False) if store.fs.exists(f"{store.root}/locks") else []
+    return [p for p in paths if Path(p).name.startswith("record-") and json.loads(store.fs.cat_file(p)).get("released")]
+
+
 def test_gc_default_policy_drops_only_old_quant_states(store_url):
     store = Store(store_url)
     quant = {}
@@ -515,12 +569,15 @@ def test_gc_default_policy_drops_only_old_quant_states(store_url):
     _write_states(store, stats, seed=10, kind="stats", layer=0)
     old = [quant["A", 0], quant["A", 1], quant["A", 2], quant["B", 0]]
     expected_freed = sum(store.size(k) for k in old)
+    # On an object store each record's writer lock is left marked released, and gc deletes those marks.
+    assert len(_released_record_locks(store)) == (0 if store.is_local else 8)
 
     freed = gc(store, default_keep(store.list()))
     assert freed == expected_freed > 0
     remaining = {info.key for info in store.list()}
     assert remaining == {quant["A", 3], quant["B", 1], clean, stats}
     assert store.is_complete(quant["A", 3]) and store.is_complete(clean)
+    assert _released_record_locks(store) == []
 
     assert gc(store, default_keep(store.list(), drop_stats=True)) > 0
     assert {info.key for info in store.list()} == {quant["A", 3], quant["B", 1], clean}
