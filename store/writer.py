@@ -17,6 +17,8 @@ Protocol (``Store.writer`` returns a :class:`RecordWriter`)::
 * Leaving with an exception (or failing to commit) deletes the partial data, best effort, to
   give the disk space back; the exception propagates unchanged. A killed process leaves its
   partial data behind, unmarked, for the next writer of that key (or ``gc``) to remove.
+* A writer whose record lock lapsed (its lease ran out, see ``locks``) writes, marks and deletes
+  nothing more: another writer may have taken the record over.
 * Any ``OSError`` of the storage (disk full, I/O error, permissions) is re-raised as
   ``StoreWriteError("writing record <key> (<kind>): <strerror>")``. Only this record's own
   directory is ever written or deleted, so nothing complete in the store is lost or altered.
@@ -220,6 +222,7 @@ class RecordWriter:
         ``chunk_tokens`` rows form one chunk (default: about ``TARGET_CHUNK_BYTES``); pick the
         micro-batch size or a divisor of it.
         """
+        self._check_lock()
         group = self._require_open()
         check_name(name, "array name")
         if name in self._arrays:
@@ -254,6 +257,7 @@ class RecordWriter:
     def write(self, name: str, start: int, data: Any) -> None:
         """Write ``data`` (tensor or array) into rows ``[start, start + len(data))`` of ``name``."""
         self._require_open()
+        self._check_lock()
         entry = self._array(name)
         stored, logical = to_stored_array(data)
         if logical != entry.dtype:  # no silent casts: a wrong dtype is a bug upstream
@@ -290,6 +294,11 @@ class RecordWriter:
 
     # -- internals --------------------------------------------------------------------------
 
+    def _check_lock(self) -> None:
+        """A writer whose record lock lapsed stops writing: the directory may be another writer's now."""
+        if self._record_lock is not None:
+            self._record_lock.check()
+
     def _release(self) -> None:
         if self._record_lock is not None:
             self._record_lock.release()
@@ -318,13 +327,16 @@ class RecordWriter:
                 )
         arrays = {name: entry.manifest() for name, entry in sorted(self._arrays.items())}
         manifest = {"nbytes": sum(a["nbytes"] for a in arrays.values()), "arrays": arrays}
-        if self._record_lock is not None:
-            self._record_lock.check()  # a writer whose record lock lapsed marks nothing
+        self._check_lock()  # a writer whose record lock lapsed marks nothing
         with self._storage_errors():
             # The completion mark: the last write of the record, in one document.
             group.update_attributes({ATTR_COMPLETE: True, ATTR_MANIFEST: manifest})
 
     def _discard(self) -> None:
+        try:
+            self._check_lock()
+        except StoreLocked:
+            return  # what is there may be the next writer's: the unmarked leftovers are its to wipe
         try:
             self._wipe(self.key)
         except Exception as e:  # best effort: the data has no mark and will never be read

@@ -464,6 +464,30 @@ def test_a_lapsed_holder_releasing_leaves_the_lock_that_was_taken_over_in_place(
         pass
 
 
+def test_a_writer_whose_record_lock_lapsed_leaves_the_record_taken_over_intact(monkeypatch):
+    """A writer stalls past its record lease; another writer takes the record over and completes it.
+    When the first comes back, its next write is refused and leaving deletes nothing of the record."""
+    from loaq.store.writer import _BEING_WRITTEN
+
+    monkeypatch.setenv(LEASE_ENV, "0.3")
+    store = Store(f"memory://loaq-test-{uuid.uuid4().hex}/store")
+    key = stage_key("stats", 1, layer=0)
+    with pytest.raises(StoreLocked, match="ran out"):
+        with store.writer(key, kind="stats") as stalled:
+            stalled.put("h", torch.zeros(4))
+            lock = stalled._record_lock
+            lock._stop_renewing.set()  # stalled: no renewal from here on
+            lock._renewer.join()
+            time.sleep(0.5)  # its lease has run out
+            _BEING_WRITTEN.discard(stalled._claim)  # the writer below stands for another process
+            with store.writer(key, kind="stats") as taker:
+                taker.put("h", torch.ones(4))
+            stalled.put("late", torch.ones(2))
+    assert store.is_complete(key)
+    record = store.open(key)
+    assert sorted(record.names) == ["h"] and torch.equal(record.read("h"), torch.ones(4))
+
+
 def _lock_process(url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(Path(__file__).with_name("lockproc.py")), url, *extra],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
