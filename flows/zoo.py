@@ -33,11 +33,13 @@ import uuid
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 from prefect.deployments import run_deployment
+from prefect.exceptions import TerminationSignal
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from loaq.configs.schema import RunConfig
 from loaq.configs.zoo import load_zoo
 from loaq.flows.quantize import open_context, open_store, quantize_flow
+from loaq.stages import interrupt
 from loaq.stages.report import variant_label
 from loaq.stages.zoo_report import ZOO_MEMBER_STAGE, zoo_report_stage
 
@@ -98,11 +100,29 @@ def run_model_group(label: str, configs: list[RunConfig], run_ids: list[str], de
         return
     run = run_deployment(deployment, parameters={"configs": [c.model_dump(mode="json") for c in configs],
                                                  "run_ids": run_ids, "parent_holds_lock": True},
-                         flow_run_name=label, timeout=None, poll_interval=DEPLOYMENT_POLL_SECONDS)
-    state = run.state
+                         flow_run_name=label, timeout=0)
+    state = wait_or_cancel(run.id).state
     if state is None or not state.is_completed():
         raise RuntimeError(f"flow run {run.name} of {deployment} ended {state.name if state else 'without a state'}"
                            + (f": {state.message}" if state and state.message else ""))
+
+
+def wait_or_cancel(flow_run_id):
+    """The flow run once it has ended. A stop of this process (SIGTERM, Ctrl-C: see
+    ``stages.interrupt``) cancels it first: the members it runs work under this zoo's run lock,
+    which goes with this process."""
+    from prefect import get_client
+    from prefect.states import Cancelling
+
+    with get_client(sync_client=True) as client:
+        while True:
+            flow_run = client.read_flow_run(flow_run_id)
+            if flow_run.state is not None and flow_run.state.is_final():
+                return flow_run
+            if interrupt.requested():
+                client.set_flow_run_state(flow_run_id, Cancelling(message="the zoo was stopped"))
+                interrupt.check()
+            time.sleep(DEPLOYMENT_POLL_SECONDS)
 
 
 def member_outcome(store, run_id: str, name: str) -> dict | None:
@@ -128,14 +148,24 @@ def zoo_flow(config: str = "zoo", overrides: list[str] | None = None, member_dep
     with ctx.store.lock("run", timeout=0.0):
         # In this process at most `concurrency` models at once; on a work pool, the pool decides.
         workers = len(groups) if member_deployment else min(zoo.concurrency, len(groups))
-        with ThreadPoolTaskRunner(max_workers=workers) as runner:
-            futures = [runner.submit(run_model_group, {"label": f"{zoo.name}-{label}", "configs": members,
-                                                       "run_ids": ids, "deployment": member_deployment})
-                       for (label, members), ids in zip(groups, run_ids)]
-            for (label, _), future in zip(groups, futures):
-                future.wait()
-                if not future.state.is_completed():
-                    group_errors[label] = future.state.message or future.state.name
+        try:
+            with ThreadPoolTaskRunner(max_workers=workers) as runner:
+                futures = [runner.submit(run_model_group, {"label": f"{zoo.name}-{label}", "configs": members,
+                                                           "run_ids": ids, "deployment": member_deployment})
+                           for (label, members), ids in zip(groups, run_ids)]
+                try:
+                    for (label, _), future in zip(groups, futures):
+                        future.wait()
+                        if not future.state.is_completed():
+                            group_errors[label] = future.state.message or future.state.name
+                except (KeyboardInterrupt, TerminationSignal) as e:
+                    # A signal unwinds this thread only, and leaving the pool waits for its threads:
+                    # the members there stop at their next check instead of running to their end.
+                    terminated = isinstance(e, (TerminationSignal, interrupt.Terminated))
+                    interrupt.request(interrupt.Terminated if terminated else interrupt.Interrupted)
+                    raise
+        finally:
+            interrupt.clear()
 
     entries, failures = [], []
     for (label, members), ids in zip(groups, run_ids):

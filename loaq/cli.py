@@ -24,13 +24,16 @@ from loaq.termination import RESUME_HINT, TERMINATED_STATUS, Terminated, sigterm
 
 
 class _NoFailureTracebacks(logging.Filter):
-    """Prefect logs every failed run with its traceback; the CLI reports a failure itself (one line
-    for a user mistake, the traceback for a bug), so those records would only repeat it."""
+    """Prefect logs every failed run with its traceback, and every run a signal stopped as crashed;
+    the CLI reports a failure itself (one line for a user mistake, the traceback for a bug) and a
+    stop in one line, so those records would only repeat it."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
         return not (record.levelno >= logging.ERROR and (record.exc_info or "Traceback" in message
-                                                         or "Finished in state Failed" in message))
+                                                         or "Finished in state Failed" in message
+                                                         or "aborted by an interrupt signal" in message
+                                                         or "aborted by a termination signal" in message))
 
 
 def _quiet_prefect() -> None:

@@ -6,6 +6,7 @@ Prefect's flow engine catches SIGTERM and passes it on to the handler it found; 
 the process at once, without exit handlers, so the server it started would be orphaned. The command
 line always turns SIGTERM into ``Terminated``; the Python API does so only where the caller left the
 default in place (``loaq.api``), and then ends the process with the status the default would give.
+Stages running on other threads (a zoo's models) stop through ``stages.interrupt``.
 """
 
 from __future__ import annotations
@@ -15,15 +16,13 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from loaq.stages.interrupt import Terminated
+
 #: Exit status of a run ended by SIGTERM, as a shell reports a process killed by it.
 TERMINATED_STATUS = 128 + signal.SIGTERM
 
 #: What a run ended by SIGTERM or Ctrl-C says (after ``loaq: terminated; `` or ``loaq: interrupted; ``).
 RESUME_HINT = "finished records are kept, run again to resume"
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived while a run was in progress."""
 
 
 def _raise_terminated(signum, frame) -> None:

@@ -7,6 +7,7 @@ import torch
 from loaq.store import Record
 from loaq.store.writer import RecordWriter
 
+from . import interrupt
 from .context import failpoint
 
 
@@ -18,6 +19,7 @@ class RecordArray:
         self.shape = tuple(record.shape(name))
 
     def read(self, start: int, stop: int) -> torch.Tensor:
+        interrupt.check()
         return self.record.read(self.name, start, stop)
 
     def write(self, start: int, values: torch.Tensor) -> None:
@@ -37,6 +39,7 @@ class WriterArray:
         raise TypeError("array is being written")
 
     def write(self, start: int, values: torch.Tensor) -> None:
+        interrupt.check()
         self.writer.write(self.name, start, values.detach().to(device="cpu", dtype=self.dtype).contiguous())
         if self.point is not None:
             failpoint(self.point)

@@ -19,6 +19,8 @@ import torch
 from loaq.configs.schema import RuntimeConfig
 from loaq.store import Store
 
+from . import interrupt
+
 
 FAILPOINT_ENV = "LOAQ_FAILPOINT"
 
@@ -79,6 +81,7 @@ class StageContext:
             self.store.log_event(self.run_id, stage, key, "reused")
             return key
         started = time.perf_counter()
+        interrupt.check()
         failpoint(f"{stage}:before")
         compute()
         self.store.log_event(self.run_id, stage, key, "computed", seconds=time.perf_counter() - started)

@@ -18,6 +18,7 @@ from loaq.engine.sources import with_activation_quantizer
 from loaq.evaluation.perplexity import perplexity
 from loaq.models.layers import add_input_transforms
 
+from . import interrupt
 from .context import StageContext
 from .keys import perplexity_key, weights_key, zero_shot_key
 from .model import ModelRef
@@ -37,6 +38,7 @@ class StoredQuantizedWeights:
         self.config, self.adapter, self.num_layers = checkpoint.config, checkpoint.adapter, checkpoint.num_layers
 
     def layer_state(self, index: int) -> dict[str, torch.Tensor]:
+        interrupt.check()
         state = dict(self.base.layer_state(index))
         record = self.store.open(weights_key(self.chain[index]))
         for name, q in read_weights(record, record.attrs["linears"]).items():

@@ -24,6 +24,7 @@ from loaq.models.layers import ContextFactory
 from loaq.quant import QuantizedWeight
 from loaq.quant.packing import pack_codes, unpack_codes
 
+from . import interrupt
 from .arrays import RecordArray, WriterArray
 from .context import StageContext, failpoint
 from .keys import config_identity, weights_key
@@ -143,6 +144,7 @@ def quantize_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Qu
         ctx.store.log_event(ctx.run_id, "quantize-layer", chain_key, "reused")
         return chain_key
     started = time.perf_counter()
+    interrupt.check()
     failpoint(f"quantize-layer:{index}:before")
     quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
                                                       clean_output_key)

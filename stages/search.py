@@ -22,6 +22,7 @@ from loaq.engine.search import LayerSearch
 from loaq.engine.tail import FullPrecisionTail
 from loaq.models.layers import ContextFactory
 
+from . import interrupt
 from .arrays import RecordArray, WriterArray
 from .context import StageContext, failpoint
 from .evaluate import StoredQuantizedWeights
@@ -52,6 +53,7 @@ def search_layer_stage(ctx: StageContext, model: ModelRef, index: int, cfg: Quan
     """Search layer ``index``'s strengths and quantize it with the choice; returns ``key`` (the search
     record complete, and the chosen layer's records)."""
     started = time.perf_counter()
+    interrupt.check()
     failpoint(f"layer-search:{index}:before")
     quantizer, clean, hq_in, clean_out = stored_layer(ctx, model, index, cfg, quant_input_key, clean_input_key,
                                                       clean_output_key)

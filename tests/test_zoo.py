@@ -7,6 +7,7 @@ import json
 import pytest
 
 from flowkit import computed_stages, make_checkpoint, run_cli, write_zoo
+from loaq.termination import TERMINATED_STATUS
 from loaq.configs.load import ConfigError
 from loaq.configs.zoo import load_zoo
 from loaq.store import Store
@@ -58,6 +59,24 @@ def test_failing_member_is_named_and_the_others_finish(tmp_path, models, shared_
     stages = [stage for stage, _ in computed]
     assert (stages.count("calibration"), stages.count("embed"), stages.count("clean-layer")) == (1, 1, 3)
     assert stages.count("perplexity") == 1 + 2 and stages.count("quantize-layer") == 2 * 3
+
+
+def test_sigterm_stops_the_models_running_beside_the_one_it_interrupted(tmp_path, models, shared_data):
+    """A zoo quantizes two models side by side on threads; SIGTERM lands in one model's layer 1. The
+    other model's member stops at its next micro-batch instead of running to its end (which the
+    process used to wait for, far past a scheduler's grace period), and the zoo exits in one line."""
+    deep = make_checkpoint(tmp_path / "deep-llama", "llama", layers=12)
+    zoo = write_zoo(tmp_path / "zoo.yaml", {"small": models["llama"], "deep": deep}, tmp_path / "store",
+                    shared_data, [{"method": "gptq", "bits": 4}], concurrency=2)
+    proc = run_cli("zoo", str(zoo), env={"LOAQ_FAILPOINT": "quantize-layer:1:mid@term"})
+    assert proc.returncode == TERMINATED_STATUS, (proc.returncode, proc.stderr[-3000:])
+    assert proc.stderr.strip().splitlines()[-1] == "loaq: terminated; finished records are kept, run again to resume"
+    assert "Traceback" not in proc.stderr and " ERROR " not in proc.stderr, proc.stderr[-3000:]
+    assert proc.left_running == []
+    store = Store(str(tmp_path / "store"))
+    layers = sorted(i.attrs["layer"] for i in store.list(kind="weights") if i.complete)
+    assert layers and layers[-1] < 11, layers  # the deep model's last layer was never reached
+    assert not list(store.list(kind="eval"))  # neither model got as far as its evaluation
 
 
 def test_zoo_on_a_locked_store_fails_in_one_line(tmp_path, models, shared_data):

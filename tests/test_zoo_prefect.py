@@ -117,3 +117,31 @@ def test_zoo_deployment_runs_every_member_on_the_pool_computing_shared_stages_on
     table = [line for line in (report_dir / "report.md").read_text().splitlines() if line.startswith("| ")]
     assert len(table) == 1 + 1 + 2 + 4  # header, its rule, an FP row per model, a row per member
     assert sum(line.endswith("| completed |") for line in table) == 4
+
+
+def test_a_stopped_zoo_cancels_the_member_run_it_was_waiting_for(deployed, tmp_path):
+    """The zoo's wait for a member's flow run on the pool: once the process is asked to stop (SIGTERM,
+    Ctrl-C), it cancels that run instead of waiting for it (the members work under the zoo's run
+    lock, which goes with the zoo's process), then stops itself."""
+    import subprocess
+    import sys
+    from datetime import timedelta
+
+    api = deployed["api"]
+    members = api.deployment("loaq-zoo-model/members")
+    later = (datetime.now(timezone.utc) + timedelta(hours=1)).isoformat()  # no worker takes it meanwhile
+    run = api.post(f"/deployments/{members['id']}/create_flow_run",
+                   {"parameters": {"configs": [], "run_ids": []},
+                    "state": {"type": "SCHEDULED", "state_details": {"scheduled_time": later}}})
+    script = ("import sys\n"
+              "from loaq.flows.zoo import wait_or_cancel\n"
+              "from loaq.stages import interrupt\n"
+              "interrupt.request(interrupt.Terminated)\n"
+              "try:\n"
+              "    wait_or_cancel(sys.argv[1])\n"
+              "except interrupt.Terminated:\n"
+              "    print('stopped')\n")
+    done = subprocess.run([sys.executable, "-c", script, run["id"]], env=deployed["env"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.stdout.strip() == "stopped", done.stderr[-3000:]
+    assert api.get(f"/flow_runs/{run['id']}")["state"]["type"] in ("CANCELLING", "CANCELLED")
