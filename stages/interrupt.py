@@ -2,9 +2,10 @@
 
 Python runs signal handlers in the main thread only, so a SIGTERM or Ctrl-C unwinds the main thread
 while stages on other threads (a zoo quantizes its models side by side on a thread pool) would run on,
-and the process would wait for them. The handler therefore also calls :func:`request`; stages call
-:func:`check` when they start and at every micro-batch they read or write, and unwind there with the
-same exception, leaving unmarked what they were writing.
+and the process would wait for them. So the code that waits for those threads calls :func:`request`
+when the signal's exception reaches it; stages call :func:`check` when they start and at every
+micro-batch they read or write, and unwind there with the same kind of exception, leaving unmarked
+what they were writing.
 """
 
 from __future__ import annotations
