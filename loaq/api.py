@@ -17,7 +17,8 @@ from typing import Any
 
 from loaq.configs.load import ConfigError, apply_override, describe, preset_path, read_yaml
 from loaq.configs.schema import QuantizeConfig, RunConfig
-from loaq.termination import RESUME_HINT, TERMINATED_STATUS, Terminated, sigterm_unwinds
+from loaq.termination import (RESUME_HINT, TERMINATED_STATUS, Terminated, ignore_sigterm_while_exiting,
+                              sigterm_unwinds)
 
 #: Sections of a run config that ``quantize``/``load_config`` accept as keyword arguments.
 SECTIONS = ("name", "model", "data_dir", "calibration", "quantize", "evaluation", "runtime", "store", "export",
@@ -119,6 +120,7 @@ def _ends_on_sigterm() -> Iterator[None]:
             if not active:
                 raise
             print(f"loaq: terminated; {RESUME_HINT}", file=sys.stderr)
+            ignore_sigterm_while_exiting()
             raise SystemExit(TERMINATED_STATUS) from None
 
 

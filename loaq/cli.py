@@ -20,7 +20,8 @@ import argparse
 import logging
 import sys
 
-from loaq.termination import RESUME_HINT, TERMINATED_STATUS, Terminated, sigterm_unwinds
+from loaq.termination import (RESUME_HINT, TERMINATED_STATUS, Terminated, ignore_sigterm_while_exiting,
+                              sigterm_unwinds)
 
 
 class _NoFailureTracebacks(logging.Filter):
@@ -96,7 +97,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     with sigterm_unwinds():
-        return _command(args)
+        status = _command(args)
+    if status == TERMINATED_STATUS:
+        ignore_sigterm_while_exiting()
+    return status
 
 
 def _command(args: argparse.Namespace) -> int:

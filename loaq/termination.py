@@ -26,14 +26,17 @@ RESUME_HINT = "finished records are kept, run again to resume"
 
 
 def _raise_terminated(signum, frame) -> None:
+    # The run is unwinding now: a repeated SIGTERM must not cut that short (SIGKILL still ends it).
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise Terminated
 
 
 @contextmanager
 def sigterm_unwinds(*, only_over_default: bool = False) -> Iterator[bool]:
-    """While the block runs, SIGTERM raises :class:`Terminated` in it; the previous handler is restored
-    after. Only the main thread can handle signals, so elsewhere nothing changes. With
-    ``only_over_default``, a handler the caller installed is left alone. Yields whether it is in force."""
+    """While the block runs, SIGTERM raises :class:`Terminated` in it, once: further SIGTERMs are
+    ignored while it unwinds. The previous handler is restored after. Only the main thread can handle
+    signals, so elsewhere nothing changes. With ``only_over_default``, a handler the caller installed
+    is left alone. Yields whether it is in force."""
     previous = signal.getsignal(signal.SIGTERM)
     active = (threading.current_thread() is threading.main_thread()
               and (not only_over_default or previous is signal.SIG_DFL))
@@ -44,3 +47,10 @@ def sigterm_unwinds(*, only_over_default: bool = False) -> Iterator[bool]:
     finally:
         if active:
             signal.signal(signal.SIGTERM, previous)
+
+
+def ignore_sigterm_while_exiting() -> None:
+    """A process on its way out after a SIGTERM finishes its exit handlers (they stop the Prefect
+    server it started) whatever SIGTERM comes next; SIGKILL still ends it at once."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
