@@ -113,15 +113,18 @@ def _ends_on_sigterm() -> Iterator[None]:
     """Where the caller left SIGTERM's default in place, a SIGTERM unwinds the run (records being
     written stay incomplete, the Prefect server this process started is stopped at exit) and then
     ends the process with the status the default would give; a caller's own handler is left alone."""
+    terminated = False
     with sigterm_unwinds(only_over_default=True) as active:
         try:
             yield
         except Terminated:
             if not active:
                 raise
-            print(f"loaq: terminated; {RESUME_HINT}", file=sys.stderr)
-            ignore_sigterm_while_exiting()
-            raise SystemExit(TERMINATED_STATUS) from None
+            terminated = True
+    if terminated:  # the caller's handler is back now; the exit itself ignores further SIGTERMs
+        print(f"loaq: terminated; {RESUME_HINT}", file=sys.stderr)
+        ignore_sigterm_while_exiting()
+        raise SystemExit(TERMINATED_STATUS)
 
 
 def run(config: str | os.PathLike | Mapping | RunConfig | None = None, **sections: Any) -> Result:

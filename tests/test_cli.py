@@ -110,3 +110,23 @@ def test_sigterm_unwinds_only_over_the_default_when_asked():
         assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_python_run_ended_by_sigterm_exits_143_ignoring_further_sigterms():
+    """What ``loaq.run`` does with a SIGTERM over the default handler: once the run has unwound it
+    ends the process with 143, and the exit (its handlers stop Prefect's server) ignores more of them."""
+    import os
+    import signal
+
+    import pytest
+
+    from loaq.api import _ends_on_sigterm
+
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        with pytest.raises(SystemExit) as exited, _ends_on_sigterm():
+            os.kill(os.getpid(), signal.SIGTERM)
+        assert exited.value.code == 143
+        assert signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
