@@ -143,6 +143,11 @@ class StoreLock:
                 self._file_lock.release()
                 self._file_lock = None
 
+    def held_elsewhere(self) -> bool:
+        """True while a holder other than this object has the lock and its lease has not run out."""
+        holder = self.holder()
+        return not self.held and holder is not None and not _lease_expired(holder)
+
     def _release_lease(self) -> None:
         """Mark the lease released by a compare-and-swap on the version this holder wrote last, so a
         lock taken over since (its lease ran out) stays its new holder's. Reading the token and then

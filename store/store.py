@@ -277,6 +277,12 @@ class Store:
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
 
+    def being_written(self, key: str) -> bool:
+        """True while a writer in another process holds record ``key``'s lock (stores with conditional
+        writes); elsewhere False: there the run lock keeps writers and ``gc`` apart."""
+        lock = self._record_lock(check_key(key))
+        return lock is not None and lock.held_elsewhere()
+
     def _record_lock(self, key: str) -> StoreLock | None:
         """A leased lock per record where the store has conditional writes (see ``locks``), so one
         writer per record holds across processes and hosts; None elsewhere (the run lock guards)."""

@@ -146,6 +146,25 @@ def test_sigterm_in_a_python_run_ends_the_process_as_the_default_would_after_unw
     assert finished == [0]  # layer 1 was cut off
 
 
+def test_gc_frees_what_a_killed_run_left_unmarked_and_the_rerun_is_bit_identical(tmp_path, reference, checkpoint,
+                                                                                   shared_data):
+    """A run killed mid-write leaves its record's data without the completion mark; nothing reads it,
+    and ``loaq gc`` gives its space back (before, only a rerun of the same chain did)."""
+    config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
+    killed = run_cli("run", str(config), env={"LOAQ_FAILPOINT": "quantize-layer:1:mid"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    store = Store(str(tmp_path / "store"))
+    left = [i for i in store.list() if not i.complete]
+    assert left and sum(i.nbytes for i in left) > 0
+    collected = run_cli("gc", str(config))
+    assert collected.returncode == 0, collected.stderr[-3000:]
+    assert [i for i in store.list() if not i.complete] == []
+    assert all(store.is_complete(i.key) for i in store.list())
+    done = run_cli("run", str(config))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_default_weights(reference["store"], tmp_path / "store")
+
+
 def test_corrupt_chunk_and_missing_mark_are_recomputed(tmp_path, reference, checkpoint, shared_data):
     config = write_config(tmp_path / "tiny.yaml", checkpoint, tmp_path / "store", shared_data)
     assert run_cli("run", str(config)).returncode == 0

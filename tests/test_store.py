@@ -488,6 +488,21 @@ def test_a_writer_whose_record_lock_lapsed_leaves_the_record_taken_over_intact(m
     assert sorted(record.names) == ["h"] and torch.equal(record.read("h"), torch.ones(4))
 
 
+def test_a_record_is_being_written_only_while_another_writer_holds_its_lock(monkeypatch):
+    """What ``loaq gc`` asks before it drops an unmarked record on a store with record locks."""
+    monkeypatch.setenv(LEASE_ENV, "0.3")
+    store = Store(f"memory://loaq-test-{uuid.uuid4().hex}/store")
+    key = stage_key("stats", 1, layer=0)
+    other = store.lock(f"record-{key}").acquire()  # another process's writer of the record
+    assert store.being_written(key)
+    other._stop_renewing.set()  # it stalls: its lease runs out
+    other._renewer.join()
+    time.sleep(0.5)
+    assert not store.being_written(key)
+    other.release()
+    assert not store.being_written(key)
+
+
 def _lock_process(url: str, *extra: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, str(Path(__file__).with_name("lockproc.py")), url, *extra],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
