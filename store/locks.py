@@ -31,8 +31,8 @@ Consistency model
   compare-and-swap, so two waiters never both take it over. A holder that could not renew in
   time has lost the lock: ``check()`` then raises ``StoreLocked``, and a record writer holding a
   lost record lock does not mark its record complete. Releasing is a compare-and-swap too (the
-  object is marked released, not deleted), so it never removes a lock taken over meanwhile. This needs a server that honours
-  conditional writes (AWS S3, and S3-compatible servers that implement them); leases compare
+  object is marked released, not deleted), so it never removes a lock taken over meanwhile. This
+  needs a server that honours conditional writes (AWS S3, and S3-compatible servers that implement them); leases compare
   the holder's clock with the reader's, so hosts' clocks must agree to well within a lease.
 * Other fsspec URLs: no create-if-absent is used, so the lock is *advisory*: the info file
   itself is the lock, checked then written (two processes starting within one round trip may
@@ -64,6 +64,8 @@ ADVISORY_POLL_SECONDS = 0.1
 #: Lease of a lock on object storage, in seconds, unless ``LOAQ_LOCK_LEASE_SECONDS`` says otherwise.
 DEFAULT_LEASE_SECONDS = 60.0
 LEASE_ENV = "LOAQ_LOCK_LEASE_SECONDS"
+#: The field of a lease object that its holder released (``StoreLock.release``).
+RELEASED = "released"
 
 
 def lease_seconds() -> float:
@@ -102,7 +104,7 @@ class StoreLock:
             info = json.loads(self._fs.cat_file(self.info_path))
         except (OSError, ValueError):
             return None
-        return info if isinstance(info, dict) and not info.get("released") else None
+        return info if isinstance(info, dict) and not _released(info) else None
 
     def acquire(self) -> StoreLock:
         if self.held:
@@ -153,7 +155,7 @@ class StoreLock:
         lock taken over since (its lease ran out) stays its new holder's. Reading the token and then
         deleting would delete the new holder's lock if the takeover fell between the two."""
         try:
-            self._ops.replace(self.info_path, json.dumps({"name": self.name, "released": True}).encode(),
+            self._ops.replace(self.info_path, json.dumps({"name": self.name, RELEASED: True}).encode(),
                               self._version)
         except Lost:
             pass
@@ -282,25 +284,25 @@ class StoreLock:
         return f"store lock {self.name!r} at {where} is held by {who}; {waited}"
 
 
-def remove_released(fs, root: str) -> int:
+def remove_released(fs, root: str) -> None:
     """Delete the objects of released leases under ``root``'s locks folder (an object store marks a
-    lease released instead of deleting it, one small object per record ever written); how many.
-    Call with the run lock held: every record writer works under it, so none is taking one of
-    these over meanwhile."""
+    lease released instead of deleting it, one small object per record ever written). Call with the
+    run lock held: every record writer works under it, so none is taking one of these over meanwhile."""
     directory = f"{root.rstrip('/')}/{LOCKS_DIR}"
     try:
         paths = [p for p in fs.ls(directory, detail=False) if p.endswith(".json")]
     except FileNotFoundError:
-        return 0
-    removed = 0
+        return
     for path in paths:
         try:
-            if (_parse(fs.cat_file(path)) or {}).get("released") is True:
+            if _released(_parse(fs.cat_file(path)) or {}):
                 fs.rm_file(path)
-                removed += 1
         except FileNotFoundError:
             continue
-    return removed
+
+
+def _released(info: dict[str, Any]) -> bool:
+    return info.get(RELEASED) is True
 
 
 def _parse(data: bytes) -> dict[str, Any] | None:
